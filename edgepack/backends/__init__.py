@@ -1,0 +1,5 @@
+"""Backends: one class per toolchain, found through the ``edgepack.backends`` entry point group."""
+
+from edgepack.backends.base import Backend, Runner, get_backend, registered_backends
+
+__all__ = ["Backend", "Runner", "get_backend", "registered_backends"]

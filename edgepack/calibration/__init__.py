@@ -1,0 +1,1 @@
+"""Calibration and evaluation data: readers that yield ``{input_name: ndarray}`` samples."""

@@ -1,0 +1,224 @@
+"""Data sources -> a list of samples ``{input_name: ndarray with batch 1}`` plus optional labels.
+
+Adapters normalise at the boundary (``.npz``, image folder + preprocessing, ``file.py:function``);
+everything downstream sees :class:`SampleSet` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack import preprocess as pp
+from edgepack.artifact import TensorSpec
+from edgepack.errors import CalibrationError, ConfigError, ModelError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class SampleSet:
+    """Samples fed to a model, one at a time, with labels when the source has them."""
+
+    samples: list[dict[str, np.ndarray]]
+    labels: list[int] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.samples)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for s in self.samples:
+            for name in sorted(s):
+                h.update(name.encode())
+                h.update(str(s[name].dtype).encode())
+                h.update(str(s[name].shape).encode())
+                h.update(np.ascontiguousarray(s[name]).tobytes())
+        if self.labels is not None:
+            h.update(np.asarray(self.labels, np.int64).tobytes())
+        return "sha256:" + h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": len(self), "fingerprint": self.fingerprint,
+                "labelled": self.labels is not None}
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([s[k] for s in self.samples]) for k in self.samples[0]} if self.samples else {}
+
+
+def load_samples(
+    source: str,
+    root: Path,
+    inputs: list[TensorSpec],
+    preprocess: dict | None,
+    samples: int | None,
+    seed: int,
+    labels: list[str] | None = None,
+    role: str = "calibration",
+) -> SampleSet:
+    """Read ``source`` (relative to ``root``), pick ``samples`` of them with ``seed``, check each."""
+    where = f"{role}.source"
+    if ":" in source and source.split(":")[0].endswith(".py"):
+        xs, ys = _from_callable(source, root, inputs, where)
+    else:
+        path = Path(source) if Path(source).is_absolute() else root / source
+        if not path.exists():
+            raise ConfigError(f"{where}: {path} not found", hint="paths are relative to the project folder")
+        if path.is_dir():
+            xs, ys = _from_image_folder(path, inputs, preprocess, labels, where)
+        elif path.suffix == ".npz":
+            xs, ys = _from_npz(path, inputs, preprocess, where)
+        else:
+            raise ConfigError(f"{where}: {path.name} is not an .npz file, an image folder or file.py:function")
+    if not xs:
+        raise CalibrationError(f"{role} data from {source} is empty", hint="give at least one sample")
+    if ys is not None and len(ys) != len(xs):
+        raise CalibrationError(f"{role} data from {source}: {len(xs)} samples but {len(ys)} labels")
+    if samples is not None and samples < len(xs):
+        idx = np.sort(np.random.default_rng(seed).choice(len(xs), size=samples, replace=False))
+        xs = [xs[i] for i in idx]
+        ys = [ys[i] for i in idx] if ys is not None else None
+    for i, x in enumerate(xs):
+        check_sample(x, inputs, f"{role} sample {i} from {source}")
+    return SampleSet(xs, ys, source)
+
+
+def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: str) -> None:
+    names = {t.name for t in inputs}
+    if set(sample) != names:
+        raise CalibrationError(f"{what} has inputs {sorted(sample)}, the model takes {sorted(names)}")
+    for t in inputs:
+        a = sample[t.name]
+        if str(a.dtype) != t.dtype:
+            raise CalibrationError(
+                f"{what}: input '{t.name}' has dtype {a.dtype}, the project declares {t.dtype}",
+                hint=f"convert the data (array.astype('{t.dtype}')) or fix `inputs` in edgepack.yaml",
+            )
+        ok = len(a.shape) == len(t.shape) and all(
+            (isinstance(d, str) or d == s) for d, s in zip(t.shape, a.shape)
+        )
+        if not ok or a.shape[0] != 1:
+            raise CalibrationError(
+                f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {list(t.shape)} with batch 1"
+            )
+
+
+def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str):
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds
+        raise CalibrationError(f"{where}: cannot read {path}: {e}") from e
+    keys = set(data.files)
+    labels = [int(v) for v in data["labels"]] if "labels" in keys else None
+    names = [t.name for t in inputs]
+    if all(n in keys for n in names):
+        n = len(data[names[0]])
+        if any(len(data[k]) != n for k in names):
+            raise CalibrationError(f"{where}: arrays in {path.name} have different lengths")
+        return [{k: data[k][i : i + 1] for k in names} for i in range(n)], labels
+    if "images" in keys:
+        if pre is None:
+            raise ConfigError(
+                f"{where}: {path.name} holds raw 'images' but the project has no `preprocess` block",
+                hint="add preprocess (layout, scale, mean, std, color), or store arrays named after the inputs",
+            )
+        return _images_to_samples(list(data["images"]), inputs, pre, where), labels
+    raise CalibrationError(
+        f"{where}: {path.name} has arrays {sorted(keys)}; expected one per input ({', '.join(names)}) or 'images'",
+        hint="save with np.savez(path, **{input_name: array_NxShape}, labels=...)",
+    )
+
+
+def _images_to_samples(images: list[np.ndarray], inputs: list[TensorSpec], pre: dict, where: str):
+    if len(inputs) != 1:
+        raise ConfigError(f"{where}: raw images need a model with one input, this one has {len(inputs)}")
+    t = inputs[0]
+    hw = pp.spatial_size(t.shape, pre.get("layout", "NCHW"))
+    return [{t.name: pp.apply(pre, img, hw, t.dtype)[None]} for img in images]
+
+
+def _from_image_folder(path: Path, inputs, pre: dict | None, labels: list[str] | None, where: str):
+    if pre is None:
+        raise ConfigError(f"{where}: {path} is an image folder but the project has no `preprocess` block")
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ConfigError("reading image folders needs Pillow", hint="pip install pillow") from e
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    subdirs = {p.parent for p in files}
+    ys: list[int] | None = None
+    if subdirs and all(p.parent.parent == path for p in files) and path not in subdirs:
+        classes = labels or sorted(d.name for d in subdirs)
+        unknown = sorted({p.parent.name for p in files} - set(classes))
+        if unknown:
+            raise CalibrationError(f"{where}: folders {unknown} in {path} are not among the project's labels")
+        ys = [classes.index(p.parent.name) for p in files]
+    mode = "L" if pre.get("color") == "gray" else "RGB"
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert(mode)))
+        except OSError as e:
+            raise CalibrationError(f"{where}: cannot read image {f}: {e}") from e
+    return _images_to_samples(images, inputs, pre, where), ys
+
+
+def import_callable(spec: str, root: Path, where: str):
+    """``file.py:name`` -> the object, importing the file as a module."""
+    file_part, _, attr = spec.rpartition(":")
+    file = Path(file_part) if Path(file_part).is_absolute() else root / file_part
+    if not file.is_file():
+        raise ModelError(f"{where}: {file} not found", hint="paths are relative to the project folder")
+    mod_name = f"edgepack_user_{abs(hash(str(file.resolve())))}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        mspec = importlib.util.spec_from_file_location(mod_name, file)
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = module
+        try:
+            mspec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise ModelError(f"{where}: importing {file.name} failed: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        found = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise ModelError(f"{where}: {file.name} has no '{attr}'", hint=f"callables there: {', '.join(found) or 'none'}")
+    return getattr(module, attr)
+
+
+def _from_callable(spec: str, root: Path, inputs: list[TensorSpec], where: str):
+    fn = import_callable(spec, root, where)
+    try:
+        items = list(fn())
+    except Exception as e:
+        raise CalibrationError(f"{where}: {spec} raised {type(e).__name__}: {e}") from e
+    xs, ys = [], []
+    for item in items:
+        label = None
+        if isinstance(item, tuple) and len(item) == 2:
+            item, label = item
+        if isinstance(item, np.ndarray):
+            if len(inputs) != 1:
+                raise CalibrationError(f"{where}: {spec} yields bare arrays but the model has {len(inputs)} inputs")
+            item = {inputs[0].name: item}
+        if not isinstance(item, dict):
+            raise CalibrationError(f"{where}: {spec} must yield dicts of arrays (or (inputs, label) pairs)")
+        xs.append({k: np.asarray(v) for k, v in item.items()})
+        ys.append(label)
+    labelled = [y is not None for y in ys]
+    if any(labelled) and not all(labelled):
+        raise CalibrationError(f"{where}: {spec} yields labels for some samples only")
+    return xs, ([int(y) for y in ys] if ys and all(labelled) else None)

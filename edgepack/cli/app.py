@@ -1,0 +1,40 @@
+"""Composes the commands. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from edgepack import __version__
+from edgepack.cli import build, init, inspect, targets, validate
+from edgepack.cli.main import EdgepackGroup
+
+app = typer.Typer(
+    cls=EdgepackGroup,
+    name="edgepack",
+    help="Compile trained models into measured, versioned bundles for edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgepack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+app.command("build")(build.build)
+app.command("validate")(validate.validate)
+app.command("inspect")(inspect.inspect)
+app.command("init")(init.init)
+app.add_typer(targets.app, name="targets", help="List and show target profiles.")

@@ -1,0 +1,89 @@
+"""`edgepack build`: compile the project for one or more targets into bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from edgepack.cli.common import Format, err, fmt, out, print_json
+
+
+class _Progress:
+    """One line per stage with its seconds; a spinner while a stage runs."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.status = None
+
+    def __call__(self, stage: str, status: str, seconds: float | None, detail: str) -> None:
+        if self.quiet:
+            return
+        if status == "start":
+            self.status = err.status(f"{escape(stage)} ...")
+            self.status.start()
+            return
+        if self.status:
+            self.status.stop()
+            self.status = None
+        mark = "[green]✓[/]" if status == "done" else "[red]✗[/]"
+        err.print(f"{mark} {escape(stage):<40} {seconds:7.2f}s  [dim]{escape(detail)}[/]")
+
+
+def build(
+    target: list[str] = typer.Option(..., "--target", "-t", help="Target profile name or .yaml path; repeatable."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Output folder (default: <project>/dist)."),
+    project: Path = typer.Option(None, "--project", "-p", help="Project folder or edgepack.yaml (default: .)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads for measurements (default: the profile's)."),
+    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles; repeatable."),
+    format: Format = typer.Option(Format.human, "--format", help="human or json (bundle paths and headline figures)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Build bundles: load -> export ONNX -> calibrate -> compile -> measure -> bundle."""
+    from edgepack.api import build as run_build
+    from edgepack.api import raise_for_acceptance
+
+    progress = _Progress(quiet)
+    try:
+        results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir))
+    finally:
+        if progress.status:
+            progress.status.stop()
+    if format == Format.json:
+        print_json([headline(r.manifest, r.bundle) for r in results])
+    else:
+        table = Table(title="edgepack build", show_lines=False)
+        for col in ("target", "backend", "precision", "accuracy (fp32 -> compiled)", "p50 ms (fp32 -> compiled)",
+                    "speed-up", "size MB (ratio)", "gates", "bundle"):
+            table.add_column(col)
+        for r in results:
+            h = headline(r.manifest, r.bundle)
+            acc = f"{fmt(h['reference']['accuracy'], 2)} -> {fmt(h['compiled']['accuracy'], 2)} {h['metric']}"
+            lat = f"{fmt(h['reference']['p50_ms'])} -> {fmt(h['compiled']['p50_ms'])}"
+            size = f"{h['compiled']['size_bytes'] / 1e6:.3f} ({h['size_ratio']:.0%})"
+            gates = "[green]pass[/]" if h["acceptance_passed"] else "[red]FAIL[/]"
+            table.add_row(h["target"], h["backend"], h["precision"], acc, lat, f"{h['speedup_p50']:.2f}x", size,
+                          gates, escape(h["bundle"]))
+        out.print(table)
+    raise_for_acceptance(results)
+
+
+def headline(manifest, bundle: Path) -> dict:
+    m = manifest.measurements
+    return {
+        "target": manifest.target, "bundle": str(bundle), "build_id": manifest.build_id,
+        "backend": manifest.runtime.backend, "precision": manifest.runtime.precision,
+        "metric": m.data["metric"],
+        "reference": {"accuracy": m.reference.accuracy["value"] if m.reference.accuracy else None,
+                      "p50_ms": m.reference.latency["p50_ms"], "p90_ms": m.reference.latency["p90_ms"],
+                      "size_bytes": m.reference.size["bytes"]},
+        "compiled": {"accuracy": m.compiled.accuracy["value"] if m.compiled.accuracy else None,
+                     "p50_ms": m.compiled.latency["p50_ms"], "p90_ms": m.compiled.latency["p90_ms"],
+                     "size_bytes": m.compiled.size["bytes"],
+                     "peak_memory_mb": m.compiled.peak_memory.get("peak_mb")},
+        "accuracy_delta_points": m.comparison.get("accuracy_delta_points"),
+        "speedup_p50": m.comparison["speedup_p50"], "size_ratio": m.comparison["size_ratio"],
+        "acceptance_passed": manifest.acceptance.passed, "acceptance_reasons": manifest.acceptance.reasons,
+    }

@@ -1,0 +1,62 @@
+"""`edgepack inspect`: what a bundle holds and what was measured where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from edgepack.cli.common import Format, fmt, out, print_json
+
+
+def inspect(
+    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
+    format: Format = typer.Option(Format.human, "--format"),
+) -> None:
+    """Show a bundle's manifest: source, target, stages, measurements, gates, files."""
+    from edgepack.api import inspect as run_inspect
+
+    m = run_inspect(bundle)
+    if format == Format.json:
+        print_json(m)
+        return
+    rt, meas = m["runtime"], m["measurements"]
+    out.print(f"[bold]{escape(m['name'])} {m['version']}[/] for [bold]{m['target']}[/] "
+              f"({escape(m['profile']['device']['name'])}), {rt['backend']} {rt['precision']} {rt['format']}")
+    out.print(f"build {m['build_id']}  created {m['created_at']}  edgepack {m['edgepack_version']}")
+    out.print(f"source {m['source']['kind']} {escape(m['source']['path'])} ({m['source']['digest'][:19]}...)")
+    t = Table(title="measurements (same run, same data and threads)")
+    for col in ("model", "accuracy", "p50 ms", "p90 ms", "p99 ms", "size bytes", "peak MB", "where"):
+        t.add_column(col)
+    for key in ("reference", "compiled"):
+        r = meas[key]
+        acc = f"{r['accuracy']['value']:.2f} {r['accuracy']['metric']} (n={r['accuracy']['samples']})" if r["accuracy"] else "-"
+        lat = r["latency"]
+        where = f"{lat['where']['kind']}: {lat['where']['cpu']}, {lat['how']['threads']} threads, batch {lat['how']['batch']}"
+        t.add_row(escape(r["model"]), acc, fmt(lat["p50_ms"]), fmt(lat["p90_ms"]), fmt(lat["p99_ms"]),
+                  str(r["size"]["bytes"]), fmt(r["peak_memory"].get("peak_mb"), 1), escape(where))
+    out.print(t)
+    c = meas["comparison"]
+    out.print(f"accuracy delta {fmt(c.get('accuracy_delta_points'), 2)} points, speed-up p50 {c['speedup_p50']:.2f}x, "
+              f"size ratio {c['size_ratio']:.1%}")
+    ev = meas["data"]["evaluation"]
+    out.print(f"evaluation data {escape(ev['source'])}: {ev['samples']} samples, {ev['fingerprint'][:23]}...")
+    acc = m["acceptance"]
+    verdict = "[green]passed[/]" if acc["passed"] else "[red]FAILED[/]: " + escape("; ".join(acc["reasons"]))
+    out.print(f"acceptance {verdict}  gates {acc['gates'] or 'none set'}")
+    st = Table(title="stages")
+    for col in ("stage", "seconds", "config"):
+        st.add_column(col)
+    for s in m["stages"]:
+        cfg = ", ".join(f"{k}={v}" for k, v in s["config"].items() if not isinstance(v, dict))
+        st.add_row(s["name"], fmt(s["seconds"], 2), escape(cfg[:120]))
+    out.print(st)
+    ft = Table(title="files")
+    ft.add_column("path")
+    ft.add_column("bytes", justify="right")
+    ft.add_column("sha256")
+    for f in m["files"]:
+        ft.add_row(f["path"], str(f["bytes"]), f["sha256"][:16])
+    out.print(ft)

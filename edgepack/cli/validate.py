@@ -1,0 +1,36 @@
+"""`edgepack validate`: run on the field device. Never imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from edgepack.cli.common import Format, out, print_json
+
+
+def validate(
+    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
+    report: Path = typer.Option(None, "--report", help="Where to write the JSON report (default: <bundle>.validation.json)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
+    runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for latency (default: the profile's)."),
+    format: Format = typer.Option(Format.human, "--format"),
+) -> None:
+    """Check integrity, reproduce the recorded outputs, measure holdout accuracy and latency here."""
+    from edgepack.validation import validate as run_validate
+
+    result = run_validate(bundle, threads, report, runs)
+    if format == Format.json:
+        print_json(result)
+        return
+    g, lat, h = result["golden"], result["latency"], result["holdout"]
+    out.print(f"[green]PASS[/] {escape(result['name'])} {result['version']} ({result['target']}) on {escape(str(result['where']['cpu']))}")
+    out.print(f"  integrity      {result['integrity']['files_checked']} files match their sha256")
+    out.print(f"  golden outputs {g['samples']} samples, {g['within_tolerance']:.1%} within tolerance, "
+              f"top-1 agreement {g['top1_agreement']:.1%}, max abs diff {g['max_abs_diff']:.4g}")
+    if h:
+        out.print(f"  holdout        top1 {h['value']:.2f}% on {h['samples']} samples (at build: {h['build_value']:.2f}%)")
+    out.print(f"  latency        p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+              f"({lat['how']['threads']} threads; at build p50 {lat['build_p50_ms']:.3f} ms)")
+    out.print(f"  report         {escape(result['report'])}")

@@ -1,0 +1,105 @@
+"""The one error hierarchy. Each class carries its exit code and a default hint.
+
+The CLI catches :class:`EdgepackError` once, prints ``error: ...`` and ``hint: ...`` and exits
+with ``exit_code``. Library code raises these and never prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class EdgepackError(Exception):
+    exit_code = 1
+    default_hint = "run with --debug for the traceback"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint or self.default_hint
+
+
+class ConfigError(EdgepackError):
+    """A bad project file, target profile or command-line flag."""
+
+    exit_code = 2
+    default_hint = "check the file and key named above; `edgepack init` writes a commented example"
+
+
+class AcceptanceError(EdgepackError):
+    """A gate failed. The bundle is kept and its manifest says why."""
+
+    exit_code = 3
+    default_hint = "the bundle was written; its manifest lists the failed gates (`edgepack inspect`)"
+
+    def __init__(self, message: str, hint: str | None = None, bundle: str | None = None):
+        super().__init__(message, hint)
+        self.bundle = bundle
+
+
+class MissingDependencyError(EdgepackError):
+    exit_code = 4
+
+    def __init__(self, package: str, extra: str, purpose: str = ""):
+        what = f" ({purpose})" if purpose else ""
+        super().__init__(
+            f"the Python package '{package}' is not installed{what}",
+            hint=f"pip install 'edgepack[{extra}]'",
+        )
+        self.package = package
+        self.extra = extra
+
+
+class ToolchainError(EdgepackError):
+    """A converter or runtime failed. ``log`` says where its full output was kept."""
+
+    exit_code = 5
+    default_hint = "the toolchain's own message is above; rerun with --debug for the traceback"
+
+
+class CalibrationError(EdgepackError):
+    """Calibration or evaluation data is empty, or of the wrong shape or dtype."""
+
+    exit_code = 6
+    default_hint = "check the calibration/evaluation source in edgepack.yaml against `inputs`"
+
+
+class BundleError(EdgepackError):
+    """A bundle is corrupt, tampered with, or of an unknown schema."""
+
+    exit_code = 7
+    default_hint = "rebuild the bundle or fetch it again; do not edit files inside a bundle"
+
+
+class ValidationError(EdgepackError):
+    """A bundle ran on this machine but did not reproduce its recorded outputs."""
+
+    exit_code = 8
+    default_hint = "the validation report lists the samples that differ; the device may need another target profile"
+
+
+class ModelError(EdgepackError):
+    """The model cannot be loaded, or does not match what the project file declares."""
+
+    exit_code = 9
+    default_hint = "check `model` and `inputs` in edgepack.yaml"
+
+
+class InterruptedBuildError(EdgepackError):
+    exit_code = 130
+    default_hint = "nothing was written; run the command again"
+
+
+def close_match(word: str, choices: Iterable[str]) -> str | None:
+    """The closest of ``choices`` to ``word``, or None when nothing is close."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    match = close_match(word, choices)
+    if match:
+        return f"did you mean '{match}'? (known: {', '.join(choices)})"
+    return f"known: {', '.join(choices)}"

@@ -1,0 +1,93 @@
+"""PyTorch sources: ``file.py:factory`` (+ optional weights) or a ``torch.export`` ``.pt2`` file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgepack.artifact import TensorSpec
+from edgepack.calibration.reader import import_callable
+from edgepack.errors import MissingDependencyError, ModelError
+from edgepack.project import Project
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise MissingDependencyError("torch", "torch", "loading PyTorch models") from e
+    return torch
+
+
+def load_module(project: Project) -> Any:
+    """The user's nn.Module in eval mode."""
+    torch = require_torch()
+    src = project.model
+    where = "model.path"
+    if src.kind == "pt2":
+        path = project.resolve(src.path)
+        if not path.is_file():
+            raise ModelError(f"{where}: {path} not found", hint="paths are relative to the project folder")
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as e:
+            raise ModelError(f"{where}: cannot load {path.name} with torch.export.load: {e}") from e
+    else:
+        factory = import_callable(src.path, project.root, where)
+        try:
+            module = factory()
+        except Exception as e:
+            raise ModelError(
+                f"{where}: {src.path} raised {type(e).__name__}: {e}",
+                hint="the factory must build and return an nn.Module with no arguments",
+            ) from e
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"{where}: {src.path} returned {type(module).__name__}, not a torch.nn.Module")
+    if src.weights:
+        wpath = project.resolve(src.weights)
+        if not wpath.is_file():
+            raise ModelError(f"model.weights: {wpath} not found", hint="train the model first, or fix the path")
+        try:
+            state = torch.load(wpath, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            module.load_state_dict(state, strict=True)
+        except Exception as e:
+            raise ModelError(f"model.weights: cannot load {wpath.name} into the model: {e}") from e
+    return module.eval()
+
+
+def example_inputs(specs: list[TensorSpec], batch: int = 1, dims: dict[str, int] | None = None) -> tuple:
+    torch = require_torch()
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in specs:
+        try:
+            shape = s.concrete_shape(batch, dims)
+        except KeyError as e:
+            raise ModelError(
+                f"inputs: '{s.name}' has symbolic dim {e} with no representative size",
+                hint="use a fixed size for every dim except 'batch'",
+            ) from None
+        dtype = getattr(torch, s.dtype)
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def check_forward(module: Any, specs: list[TensorSpec]) -> int:
+    """Run the module once on the declared shapes; return the number of outputs."""
+    torch = require_torch()
+    with torch.no_grad():
+        try:
+            out = module(*example_inputs(specs))
+        except Exception as e:
+            shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in specs)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"the model does not accept the declared inputs ({shapes}): {first}",
+                hint="fix `inputs` in edgepack.yaml to the shapes the model's forward() takes",
+            ) from e
+    return len(out) if isinstance(out, (tuple, list)) else 1
+

@@ -1,0 +1,1 @@
+"""Measurements. Each returns plain dicts that say what, where, how and on what data."""

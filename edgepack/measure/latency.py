@@ -1,0 +1,36 @@
+"""Latency: warm-up, then timed single-sample runs; percentiles of wall-clock time."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgepack.measure.host import host_info
+
+
+def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: int, max_seconds: float,
+                    threads: int) -> dict:
+    for _ in range(warmup):
+        runner.run(sample)
+    times = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(sample)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 10:
+            break
+    t = np.asarray(times)
+    batch = int(next(iter(sample.values())).shape[0])
+    p50 = float(np.percentile(t, 50))
+    return {
+        "p50_ms": round(p50, 4),
+        "p90_ms": round(float(np.percentile(t, 90)), 4),
+        "p99_ms": round(float(np.percentile(t, 99)), 4),
+        "mean_ms": round(float(t.mean()), 4),
+        "throughput_per_s": round(1000.0 * batch / p50, 2) if p50 > 0 else None,
+        "how": {"warmup_runs": warmup, "runs": len(times), "runs_requested": runs, "max_seconds": max_seconds,
+                "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run"},
+        "where": host_info(),
+    }

@@ -1,0 +1,123 @@
+"""Target profiles: data files in ``edgepack/targets/*.yaml``, extended by user folders."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgepack.errors import ConfigError, did_you_mean
+from edgepack.yamlio import load_model, read_yaml
+
+TARGETS_PATH_ENV = "EDGEPACK_TARGETS_PATH"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Figure(Frozen):
+    """A spec-sheet number and where it came from."""
+
+    value: float
+    source: str
+
+
+class Device(Frozen):
+    kind: Literal["cpu", "gpu", "npu", "mobile-cpu"]
+    name: str
+    isa: list[str] = Field(default_factory=list, description="instruction-set features the profile assumes")
+    cores: int | None = None
+    memory_gb: float | None = None
+    peak_int8_tops: Figure | None = None
+    peak_fp16_tflops: Figure | None = None
+    peak_fp32_tflops: Figure | None = None
+    memory_bandwidth_gbs: Figure | None = None
+
+
+class Quantization(Frozen):
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] = "int8"
+    weight_type: Literal["int8"] = "int8"
+    symmetric_activations: bool = False
+    samples: int = Field(default=300, gt=0, description="default calibration sample count")
+    reason: str | None = Field(default=None, description="why these settings fit the hardware")
+
+
+class Measurement(Frozen):
+    warmup_runs: int = Field(default=10, ge=0)
+    runs: int = Field(default=100, gt=0)
+    max_seconds: float = Field(default=30.0, gt=0)
+    threads: int = Field(default=2, gt=0)
+    batch: int = Field(default=1, gt=0)
+
+
+class Gates(Frozen):
+    max_accuracy_drop: float | None = None
+    max_latency_ms_p90: float | None = None
+    max_size_mb: float | None = None
+
+
+class TargetProfile(Frozen):
+    name: str
+    description: str
+    aliases: list[str] = Field(default_factory=list)
+    backend: str
+    precision: Literal["fp32", "fp16", "int8"] = "int8"
+    device: Device
+    quantization: Quantization = Field(default_factory=Quantization)
+    max_opset: int | None = None
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    measurement: Measurement = Field(default_factory=Measurement)
+    acceptance: Gates = Field(default_factory=Gates)
+    source: str = Field(default="", description="where the profile was read from")
+
+
+def _builtin_files() -> list[Path]:
+    root = resources.files("edgepack") / "targets"
+    return [Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")]
+
+
+def _user_dirs(extra: list[Path] | None) -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get(TARGETS_PATH_ENV, "").split(os.pathsep) if p]
+    return dirs + list(extra or [])
+
+
+@lru_cache(maxsize=64)
+def _load_file(path: Path) -> TargetProfile:
+    profile = load_model(path, TargetProfile, read_yaml(path))
+    return profile.model_copy(update={"source": str(path)})
+
+
+def discover(extra_dirs: list[Path] | None = None) -> dict[str, TargetProfile]:
+    """Every known profile by name and alias. User folders override built-ins of the same name."""
+    files = _builtin_files()
+    for d in _user_dirs(extra_dirs):
+        if not d.is_dir():
+            raise ConfigError(f"targets folder {d} does not exist", hint=f"check ${TARGETS_PATH_ENV} or --targets-dir")
+        files += sorted(d.glob("*.yaml"))
+    found: dict[str, TargetProfile] = {}
+    for f in files:
+        p = _load_file(f)
+        if p.name != f.stem:
+            raise ConfigError(f"{f}: key 'name' is '{p.name}' but the file is named '{f.stem}.yaml'")
+        found[p.name] = p
+    for p in list(found.values()):
+        for alias in p.aliases:
+            found.setdefault(alias, p)
+    return found
+
+
+def load_target(name_or_path: str, extra_dirs: list[Path] | None = None) -> TargetProfile:
+    """A profile by name or alias, or from a ``.yaml`` path."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        return _load_file(Path(name_or_path).resolve())
+    known = discover(extra_dirs)
+    if name_or_path not in known:
+        raise ConfigError(f"unknown target '{name_or_path}'", hint=did_you_mean(name_or_path, known))
+    return known[name_or_path]

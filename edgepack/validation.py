@@ -1,0 +1,118 @@
+"""`edgepack validate`: on the device, check a bundle's integrity, reproduce its recorded outputs,
+and measure holdout accuracy and latency. Imports only numpy, pydantic and the bundle's runtime."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.errors import ValidationError
+
+VALIDATION_SAMPLES = 200
+HOLDOUT_SAMPLES = 300
+MIN_TOP1_AGREEMENT = 0.98
+MIN_WITHIN_TOLERANCE = 0.98
+
+
+def tolerance_for(precision: str, outputs: list[list[np.ndarray]]) -> dict[str, Any]:
+    """How far a device's outputs may differ from the build machine's.
+
+    Integer kernels differ across instruction sets (VNNI, AVX2, NEON) by a quantization step or so;
+    float kernels by rounding. The absolute tolerance scales with the outputs' own range.
+    """
+    first = np.concatenate([o[0].reshape(-1) for o in outputs]) if outputs else np.zeros(1)
+    span = float(np.max(np.abs(first))) if first.size else 1.0
+    rel = {"int8": 0.05, "fp16": 0.01}.get(precision, 1e-3)
+    return {"atol": round(max(1e-5, rel * span), 6), "rtol": rel,
+            "min_top1_agreement": MIN_TOP1_AGREEMENT, "min_within_tolerance": MIN_WITHIN_TOLERANCE,
+            "rule": "a sample is within tolerance when every output element has |got-ref| <= atol + rtol*|ref|; "
+                    "pass when the share of samples within tolerance and the top-1 agreement both reach their minimums"}
+
+
+def _golden(runner, bundle_root: Path, manifest) -> dict[str, Any]:
+    v = manifest.validation
+    ins = np.load(bundle_root / v.inputs_file)
+    outs = np.load(bundle_root / v.outputs_file)
+    names = [i["name"] for i in manifest.runtime.inputs]
+    out_names = [o["name"] for o in manifest.runtime.outputs]
+    tol = v.tolerance
+    within, agree, max_err, failing = 0, 0, 0.0, []
+    for i in range(v.samples):
+        got = runner.run({k: ins[k][i : i + 1] for k in names})
+        ok = True
+        for j, name in enumerate(out_names):
+            ref = outs[name][i : i + 1]
+            err = np.abs(got[j].astype(np.float64) - ref.astype(np.float64))
+            max_err = max(max_err, float(err.max()) if err.size else 0.0)
+            ok &= bool(np.all(err <= tol["atol"] + tol["rtol"] * np.abs(ref)))
+        within += ok
+        if not ok and len(failing) < 10:
+            failing.append(i)
+        agree += int(np.argmax(got[0].reshape(-1)) == np.argmax(outs[out_names[0]][i].reshape(-1)))
+    n = max(v.samples, 1)
+    res = {"samples": v.samples, "within_tolerance": round(within / n, 5), "top1_agreement": round(agree / n, 5),
+           "max_abs_diff": round(max_err, 6), "first_failing_samples": failing, "tolerance": tol}
+    res["passed"] = res["within_tolerance"] >= tol["min_within_tolerance"] and \
+        res["top1_agreement"] >= tol["min_top1_agreement"]
+    return res
+
+
+def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
+    v = manifest.validation
+    if not v.holdout_file:
+        return None
+    data = np.load(bundle_root / v.holdout_file)
+    names = [i["name"] for i in manifest.runtime.inputs]
+    labels = data["labels"]
+    correct = sum(int(np.argmax(runner.run({k: data[k][i : i + 1] for k in names})[0].reshape(-1)) == labels[i])
+                  for i in range(len(labels)))
+    return {"metric": "top1", "value": round(100.0 * correct / len(labels), 3), "samples": int(len(labels)),
+            "note": "labelled holdout shipped in the bundle (a subset of the build's evaluation set)"}
+
+
+def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None) -> dict:
+    """Validate a bundle on this machine. Writes the report and raises ValidationError on failure."""
+    from edgepack.backends import get_backend
+    from edgepack.bundle import open_bundle
+    from edgepack.measure.host import host_info
+    from edgepack.measure.latency import measure_latency
+
+    bundle = Path(bundle)
+    with open_bundle(bundle, verify=True) as opened:
+        m = opened.manifest
+        backend = get_backend(m.runtime.backend)
+        versions = backend.check_environment(compile=False)
+        meas = m.profile.get("measurement", {})
+        threads = threads or meas.get("threads", 2)
+        runner = backend.load(opened.file(m.runtime.model_file), threads)
+        golden = _golden(runner, opened.root, m)
+        holdout = _holdout(runner, opened.root, m)
+        ins = np.load(opened.file(m.validation.inputs_file))
+        sample = {i["name"]: ins[i["name"]][:1] for i in m.runtime.inputs}
+        latency = measure_latency(runner, sample, meas.get("warmup_runs", 10), runs or meas.get("runs", 100),
+                                  meas.get("max_seconds", 30.0), threads)
+    built = m.measurements.compiled
+    result = {
+        "bundle": str(bundle), "name": m.name, "version": m.version, "target": m.target, "build_id": m.build_id,
+        "validated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "where": host_info(), "runtime": versions,
+        "integrity": {"passed": True, "files_checked": len(m.files)},
+        "golden": golden,
+        "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None} if holdout else None,
+        "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},
+        "passed": golden["passed"],
+    }
+    report = report or bundle.with_name(bundle.name + ".validation.json")
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    result["report"] = str(report)
+    if not golden["passed"]:
+        raise ValidationError(
+            f"{bundle}: outputs differ from the recorded ones: {golden['within_tolerance']:.1%} of samples within "
+            f"tolerance, top-1 agreement {golden['top1_agreement']:.1%} (max abs diff {golden['max_abs_diff']:.4g})",
+            hint=f"details in {report}",
+        )
+    return result
