@@ -137,6 +137,7 @@ def write_bundle(staging: Path, manifest: Manifest, out: Path) -> Path:
                 info.mode = 0o644
                 with open(p, "rb") as f:
                     tar.addfile(info, f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

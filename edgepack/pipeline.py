@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from edgepack.backends.base import Backend
 from edgepack.bundle import (Acceptance, Manifest, Measured, Measurements, Runtime, Source, Validation,
                              bundle_name, content_digest, file_entries, write_bundle)
 from edgepack.calibration.reader import SampleSet, load_samples
-from edgepack.errors import AcceptanceError, ConfigError
+from edgepack.errors import AcceptanceError, ConfigError, ToolchainError
 from edgepack.measure import accuracy as acc
 from edgepack.measure.latency import measure_latency
 from edgepack.measure.memory import measure_peak_memory
@@ -138,10 +138,12 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
     out = _check_out_dir(Path(out) if out else project.root / "dist")
     shared = _Shared(project, _source_of(project), toolchain=_versions())
     _prepare_data(shared, profiles[0], progress)
-    results = []
-    for prof, backend, options in plans:
-        results.append(_build_target(shared, prof, backend, options, out, threads, progress))
-    return results
+    scratch = Path(tempfile.mkdtemp(prefix=".edgepack-", suffix=".build", dir=out))
+    try:
+        return [_build_target(shared, prof, backend, options, out, scratch, threads, progress)
+                for prof, backend, options in plans]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def raise_for_acceptance(results: list[BuildResult]) -> None:
@@ -251,30 +253,51 @@ def _reference(shared: _Shared, art: ModelArtifact, threads: int, profile: Targe
 
 
 def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, options: Any, out: Path,
-                  threads: int | None, progress: Progress) -> BuildResult:
+                  scratch: Path, threads: int | None, progress: Progress) -> BuildResult:
     project = shared.project
     threads = threads or profile.measurement.threads
     final = out / bundle_name(project.name, project.version, profile.name)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".build", dir=out))
-    try:
-        art = _export(shared, profile, workdir, progress)
-        ref = _reference(shared, art, threads, profile, progress)
-        staging = workdir / "bundle"
-        with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
-            compiled = backend.compile(art, profile, options, shared.calibration, staging / "model")
-            st.detail = f"{compiled.size_bytes / 1e6:.2f} MB"
-        with _Stage(progress, f"measure {profile.name}") as st:
-            measured, outputs = _measure(shared, backend, compiled.path, list(compiled.all_files), staging,
-                                         threads, profile, f"compiled: {profile.precision} on {backend.name}")
-            measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
-            st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
-        with _Stage(progress, f"bundle {profile.name}") as st:
-            manifest = _assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs)
-            write_bundle(staging, manifest, final)
-            st.detail = str(final)
-        return BuildResult(profile.name, final, manifest)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    art = _export(shared, profile, scratch, progress)
+    ref = _reference(shared, art, threads, profile, progress)
+    workdir = scratch / profile.name
+    staging = workdir / "bundle"
+    with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
+        try:
+            compiled = backend.compile(art, profile, options, shared.calibration, workdir / "compile")
+        except ToolchainError as e:
+            raise _keep_logs(e, workdir / "compile", out, final.name) from e
+        compiled = _move_into(compiled, staging / "model")
+        st.detail = f"{compiled.size_bytes / 1e6:.2f} MB"
+    with _Stage(progress, f"measure {profile.name}") as st:
+        measured, outputs = _measure(shared, backend, compiled.path, list(compiled.all_files), staging,
+                                     threads, profile, f"compiled: {profile.precision} on {backend.name}")
+        measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
+        st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+    with _Stage(progress, f"bundle {profile.name}") as st:
+        manifest = _assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs)
+        write_bundle(staging, manifest, final)
+        st.detail = str(final)
+    return BuildResult(profile.name, final, manifest)
+
+
+def _move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:
+    """Move a compiled model's files into the bundle's model/ folder (names, and so digests, unchanged)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for f in art.all_files:
+        shutil.move(str(f), folder / f.name)
+        moved.append(folder / f.name)
+    return replace(art, path=folder / art.path.name, files=tuple(moved))
+
+
+def _keep_logs(err: ToolchainError, workdir: Path, out: Path, name: str) -> ToolchainError:
+    """Copy a failed toolchain's logs out of the scratch folder before it is removed."""
+    logs = sorted(workdir.glob("*.log"))
+    if not logs:
+        return err
+    kept = out / f"{name}.log"
+    kept.write_text("".join(f"== {p.name}\n{p.read_text()}\n" for p in logs))
+    return ToolchainError(err.message, hint=f"the toolchain's log is kept in {kept}")
 
 
 def _comparison(ref: Measured, got: Measured) -> dict[str, Any]:

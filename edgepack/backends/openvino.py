@@ -28,7 +28,7 @@ class OVRunner:
         self.n_outputs = len(self.compiled.outputs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.request.infer(feeds)
+        self.request.infer(feeds, share_inputs=True)
         return [self.request.get_output_tensor(i).data.copy() for i in range(self.n_outputs)]
 
 

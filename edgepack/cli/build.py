@@ -55,8 +55,8 @@ def build(
         print_json([headline(r.manifest, r.bundle) for r in results])
     else:
         table = Table(title="edgepack build", show_lines=False)
-        for col in ("target", "backend", "precision", "accuracy (fp32 -> compiled)", "p50 ms (fp32 -> compiled)",
-                    "speed-up", "size MB (ratio)", "gates", "bundle"):
+        for col in ("target", "runtime", "accuracy fp32 -> built", "p50 ms fp32 -> built", "speed-up",
+                    "size MB (vs fp32)", "gates"):
             table.add_column(col)
         for r in results:
             h = headline(r.manifest, r.bundle)
@@ -64,9 +64,11 @@ def build(
             lat = f"{fmt(h['reference']['p50_ms'])} -> {fmt(h['compiled']['p50_ms'])}"
             size = f"{h['compiled']['size_bytes'] / 1e6:.3f} ({h['size_ratio']:.0%})"
             gates = "[green]pass[/]" if h["acceptance_passed"] else "[red]FAIL[/]"
-            table.add_row(h["target"], h["backend"], h["precision"], acc, lat, f"{h['speedup_p50']:.2f}x", size,
-                          gates, escape(h["bundle"]))
+            table.add_row(h["target"], f"{h['backend']} {h['precision']}", acc, lat, f"{h['speedup_p50']:.2f}x",
+                          size, gates)
         out.print(table)
+        for r in results:
+            out.print(f"{r.target}: {escape(str(r.bundle))}")
     raise_for_acceptance(results)
 
 
