@@ -37,6 +37,10 @@ class TensorSpec:
                 raise KeyError(d)
         return tuple(out)
 
+    @property
+    def shape_str(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 

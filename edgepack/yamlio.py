@@ -52,7 +52,8 @@ def _first_model(ann: Any) -> Any:
 
 
 def format_validation(path: Path, model: type[BaseModel], err: PydanticValidationError) -> ConfigError:
-    first = err.errors()[0]
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # unknown keys first
+    first = errors[0]
     loc = tuple(first.get("loc", ()))
     key = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":

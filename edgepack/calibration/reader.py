@@ -111,7 +111,7 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
         )
         if not ok or a.shape[0] != 1:
             raise CalibrationError(
-                f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {list(t.shape)} with batch 1"
+                f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {t.shape_str} with batch 1"
             )
 
 

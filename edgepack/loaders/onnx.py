@@ -52,7 +52,7 @@ def load_onnx(path: Path, declared: list[TensorSpec]) -> ModelArtifact:
             isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(real.shape, d.shape)
         )
         if fixed_mismatch:
-            raise ModelError(f"inputs: '{d.name}' declared {list(d.shape)}, {path.name} has {list(real.shape)}")
+            raise ModelError(f"inputs: '{d.name}' declared {d.shape_str}, {path.name} has {real.shape_str}")
         if real.dtype != d.dtype:
             raise ModelError(f"inputs: '{d.name}' declared {d.dtype}, {path.name} has {real.dtype}")
     files = [path] + [p for p in path.parent.glob(path.name + ".data")]

@@ -83,7 +83,7 @@ def check_forward(module: Any, specs: list[TensorSpec]) -> int:
         try:
             out = module(*example_inputs(specs))
         except Exception as e:
-            shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in specs)
+            shapes = ", ".join(f"{s.name}{s.shape_str}" for s in specs)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(
                 f"the model does not accept the declared inputs ({shapes}): {first}",
