@@ -127,9 +127,9 @@ class Project(Strict):
             raise ValueError("use lowercase letters, digits, '.', '_' and '-' (it names the bundle file)")
         return v
 
-    @field_validator("version")
+    @field_validator("version", mode="before")
     @classmethod
-    def _semver(cls, v: str) -> str:
+    def _semver(cls, v: object) -> str:
         if not SEMVER.match(str(v)):
             raise ValueError(f"'{v}' is not a semantic version such as 1.0.0")
         return str(v)

@@ -190,28 +190,21 @@ def test_bad_backend_option_in_a_profile(project, tmp_path):
 
 
 def test_toolchain_not_installed_names_the_extra(project, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino" or name.startswith("openvino."):
-            raise ImportError("No module named 'openvino'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
     import importlib
 
-    monkeypatch.setattr(importlib, "import_module",
-                        lambda n, *a: no_openvino(n) if n.startswith("openvino") else real_import_module(n, *a))
+    real = importlib.import_module
+
+    def no_openvino(name, *args):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_openvino)
     res = build(project, target="cpu")
     assert res.exit_code == 4
     err, hint = error_lines(res)
     assert "'openvino' is not installed" in err and "pip install 'edgepack[openvino]'" in hint
     assert_no_bundle(project)
-
-
-real_import_module = __import__("importlib").import_module
 
 
 def test_output_folder_not_writable(project):
