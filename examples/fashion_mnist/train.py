@@ -57,7 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build()
-    x = (torch.from_numpy(xtr).float().div(255).sub(MEAN).div(STD)).unsqueeze(1)
+    x = (torch.from_numpy(xtr.copy()).float().div(255).sub(MEAN).div(STD)).unsqueeze(1)
     y = torch.from_numpy(ytr)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.epochs * (len(x) // 128 + 1))
@@ -73,7 +73,7 @@ def main() -> None:
             sched.step()
         model.eval()
         with torch.no_grad():
-            xt = (torch.from_numpy(xte).float().div(255).sub(MEAN).div(STD)).unsqueeze(1)
+            xt = (torch.from_numpy(xte.copy()).float().div(255).sub(MEAN).div(STD)).unsqueeze(1)
             acc = (model(xt).argmax(1).numpy() == yte).mean() * 100
         print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, test top1 {acc:.2f}% ({time.time() - t0:.0f}s)")
     torch.save(model.state_dict(), weights)
