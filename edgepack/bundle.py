@@ -56,6 +56,7 @@ class Measured(Strict):
 
     model: str = Field(description="what was measured, e.g. 'fp32 reference (onnxruntime)'")
     runtime: str
+    proxy: str | None = Field(default=None, description="set when a host runtime stood in for the device's")
     accuracy: dict[str, Any] | None = None
     latency: dict[str, Any]
     size: dict[str, Any]
@@ -67,6 +68,7 @@ class Measurements(Strict):
     compiled: Measured
     comparison: dict[str, Any] = Field(description="ratios derived from the two figures above")
     data: dict[str, Any] = Field(description="the evaluation and latency inputs: source, sample count, fingerprint")
+    device: dict[str, Any] = Field(description="what was and was not measured on the target device itself")
 
 
 class Acceptance(Strict):

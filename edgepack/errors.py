@@ -41,11 +41,11 @@ class AcceptanceError(EdgepackError):
 class MissingDependencyError(EdgepackError):
     exit_code = 4
 
-    def __init__(self, package: str, extra: str, purpose: str = ""):
+    def __init__(self, package: str, extra: str, purpose: str = "", hint: str | None = None):
         what = f" ({purpose})" if purpose else ""
         super().__init__(
             f"the Python package '{package}' is not installed{what}",
-            hint=f"pip install 'edgepack[{extra}]'",
+            hint=hint or f"pip install 'edgepack[{extra}]'",
         )
         self.package = package
         self.extra = extra

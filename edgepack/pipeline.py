@@ -224,15 +224,15 @@ def _measure(shared: _Shared, backend: Backend, model_file: Path, files: list[Pa
              threads: int, profile: TargetProfile, what: str) -> tuple[Measured, list[list[np.ndarray]]]:
     from edgepack.measure.size import size_of
 
-    runner = backend.load(model_file, threads)
+    runner, proxy = backend.host_runner(model_file, threads)
     outputs = acc.run_all(runner, shared.evaluation)
     m = profile.measurement
     sample = shared.evaluation.samples[0]
     latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)
     del runner
     memory = measure_peak_memory(backend.name, model_file, sample, threads)
-    measured = Measured(model=what, runtime=f"{backend.runtime_package} {shared.toolchain.get(backend.runtime_package, '?')}",
-                        accuracy=None, latency=latency, size=size_of(files, root), peak_memory=memory)
+    runtime = proxy or f"{backend.runtime_package} {shared.toolchain.get(backend.runtime_package, '?')}"
+    measured = Measured(model=what, runtime=runtime, proxy=proxy, accuracy=None, latency=latency, size=size_of(files, root), peak_memory=memory)
     return measured, outputs
 
 
@@ -281,13 +281,16 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
 
 
 def _move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:
-    """Move a compiled model's files into the bundle's model/ folder (names, and so digests, unchanged)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Move a compiled model's files into the bundle's model/ folder, keeping their paths relative
+    to the main file (so names, and so digests, are unchanged)."""
+    base = art.path.parent
     moved = []
     for f in art.all_files:
-        shutil.move(str(f), folder / f.name)
-        moved.append(folder / f.name)
-    return replace(art, path=folder / art.path.name, files=tuple(moved))
+        dst = folder / f.relative_to(base)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), dst)
+        moved.append(dst)
+    return replace(art, path=folder / art.path.relative_to(base), files=tuple(moved))
 
 
 def _keep_logs(err: ToolchainError, workdir: Path, out: Path, name: str) -> ToolchainError:
@@ -304,8 +307,11 @@ def _comparison(ref: Measured, got: Measured) -> dict[str, Any]:
     out: dict[str, Any] = {"note": "derived from the reference and compiled figures measured side by side in this run"}
     if ref.accuracy and got.accuracy:
         out["accuracy_delta_points"] = round(got.accuracy["value"] - ref.accuracy["value"], 3)
-    out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
-    out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
+    if got.proxy:
+        out["speedup"] = "not derived: the compiled model's latency was taken on a host proxy, not the device"
+    else:
+        out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
+        out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
     out["size_ratio"] = round(got.size["bytes"] / ref.size["bytes"], 4)
     if ref.peak_memory.get("measured") and got.peak_memory.get("measured") and ref.peak_memory["peak_mb"] > 0:
         out["peak_memory_ratio"] = round(got.peak_memory["peak_mb"] / ref.peak_memory["peak_mb"], 3)
@@ -339,6 +345,18 @@ def _gates(project: Project, profile: TargetProfile, ref: Measured, got: Measure
         if not ok:
             reasons.append(f"model size {mb:.3f} MB exceeds max_size_mb {gates['max_size_mb']}")
     return Acceptance(passed=not reasons, gates=gates, results=results, reasons=reasons)
+
+
+def _device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
+    if got.proxy is None and profile.device.kind == "cpu":
+        return {"measured_on_device": False, "host_is_target_class": True,
+                "note": f"measured on the build host with the target's runtime; run `edgepack validate` on the "
+                        f"{profile.device.name} itself for its own figures"}
+    return {"measured_on_device": False, "host_is_target_class": False,
+            "accuracy": f"host proxy: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
+            "latency": "not measured on the device: the figures above are the host's. Run `edgepack validate` "
+                       f"on the {profile.device.name} for device latency",
+            }
 
 
 def _assemble(shared: _Shared, profile: TargetProfile, backend: Backend, compiled: ModelArtifact,
@@ -386,7 +404,8 @@ def _assemble(shared: _Shared, profile: TargetProfile, backend: Backend, compile
         calibration=shared.calibration.describe() | {"seed": project.calibration.seed},
         measurements=Measurements(reference=ref, compiled=got, comparison=_comparison(ref, got),
                                   data={"evaluation": ev.describe(), "metric": shared.metric,
-                                        "latency_input": "first evaluation sample, batch 1"}),
+                                        "latency_input": "first evaluation sample, batch 1"},
+                                  device=_device_status(profile, got)),
         acceptance=_gates(project, profile, ref, got),
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),

@@ -31,6 +31,9 @@ class Device(Frozen):
     kind: Literal["cpu", "gpu", "npu", "mobile-cpu"]
     name: str
     isa: list[str] = Field(default_factory=list, description="instruction-set features the profile assumes")
+    sm: str | None = Field(default=None, description="CUDA compute capability, e.g. '8.7' for Orin")
+    dla_cores: int = 0
+    software: dict[str, str] = Field(default_factory=dict, description="e.g. jetpack, l4t, tensorrt versions")
     cores: int | None = None
     memory_gb: float | None = None
     peak_int8_tops: Figure | None = None

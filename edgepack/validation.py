@@ -105,6 +105,7 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None} if holdout else None,
         "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},
         "passed": golden["passed"],
+        "runtime_notes": list(getattr(runner, "notes", [])),
     }
     report = report or bundle.with_name(bundle.name + ".validation.json")
     report.write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "edgepack.backends"
 BUILTIN = {
     "onnxruntime": "edgepack.backends.onnxruntime:ONNXRuntimeBackend",
     "openvino": "edgepack.backends.openvino:OpenVINOBackend",
+    "tensorrt": "edgepack.backends.tensorrt:TensorRTBackend",
 }
 
 
@@ -72,7 +73,12 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, path: Path, threads: int) -> Runner:
-        """A runner for a compiled model file."""
+        """A runner for a compiled model file, on the runtime the target really uses."""
+
+    def host_runner(self, path: Path, threads: int) -> tuple[Runner, str | None]:
+        """A runner on the build machine, and a label when it is a stand-in for the device runtime
+        (for example ONNX Runtime running a TensorRT-bound QDQ model). None means the real runtime."""
+        return self.load(path, threads), None
 
 
 def registered_backends() -> dict[str, str]:

@@ -64,11 +64,15 @@ def build(
             lat = f"{fmt(h['reference']['p50_ms'])} -> {fmt(h['compiled']['p50_ms'])}"
             size = f"{h['compiled']['size_bytes'] / 1e6:.3f} ({h['size_ratio']:.0%})"
             gates = "[green]pass[/]" if h["acceptance_passed"] else "[red]FAIL[/]"
-            table.add_row(h["target"], f"{h['backend']} {h['precision']}", acc, lat, f"{h['speedup_p50']:.2f}x",
-                          size, gates)
+            runtime = f"{h['backend']} {h['precision']}" + (" (host proxy)" if h["host_proxy"] else "")
+            speed = f"{h['speedup_p50']:.2f}x" if h["speedup_p50"] else "n/a"
+            table.add_row(h["target"], runtime, acc, lat, speed, size, gates)
         out.print(table)
         for r in results:
             out.print(f"{r.target}: {escape(str(r.bundle))}")
+            if r.manifest.measurements.compiled.proxy:
+                out.print(f"  [dim]{escape(r.manifest.measurements.compiled.proxy)}: accuracy is the QDQ model's on "
+                          "this host; device latency comes from `edgepack validate` on the device[/]")
     raise_for_acceptance(results)
 
 
@@ -86,6 +90,7 @@ def headline(manifest, bundle: Path) -> dict:
                      "size_bytes": m.compiled.size["bytes"],
                      "peak_memory_mb": m.compiled.peak_memory.get("peak_mb")},
         "accuracy_delta_points": m.comparison.get("accuracy_delta_points"),
-        "speedup_p50": m.comparison["speedup_p50"], "size_ratio": m.comparison["size_ratio"],
+        "speedup_p50": m.comparison.get("speedup_p50"), "size_ratio": m.comparison["size_ratio"],
+        "host_proxy": m.compiled.proxy,
         "acceptance_passed": manifest.acceptance.passed, "acceptance_reasons": manifest.acceptance.reasons,
     }

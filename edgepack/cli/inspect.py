@@ -39,8 +39,14 @@ def inspect(
                   str(r["size"]["bytes"]), fmt(r["peak_memory"].get("peak_mb"), 1), escape(where))
     out.print(t)
     c = meas["comparison"]
-    out.print(f"accuracy delta {fmt(c.get('accuracy_delta_points'), 2)} points, speed-up p50 {c['speedup_p50']:.2f}x, "
+    speed = f"{c['speedup_p50']:.2f}x" if "speedup_p50" in c else c.get("speedup", "n/a")
+    out.print(f"accuracy delta {fmt(c.get('accuracy_delta_points'), 2)} points, speed-up p50 {escape(str(speed))}, "
               f"size ratio {c['size_ratio']:.1%}")
+    if meas["compiled"].get("proxy"):
+        out.print(f"[yellow]compiled model measured on a {escape(meas['compiled']['proxy'])}[/]")
+    for k, v in meas["device"].items():
+        if isinstance(v, str):
+            out.print(f"device {k}: {escape(v)}")
     ev = meas["data"]["evaluation"]
     out.print(f"evaluation data {escape(ev['source'])}: {ev['samples']} samples, {ev['fingerprint'][:23]}...")
     acc = m["acceptance"]

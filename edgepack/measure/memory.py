@@ -57,7 +57,7 @@ def _child(backend_name: str, model_path: str, npz: str, threads: int, runs: int
     except OSError:
         cleared = False
     base = _status_kb("VmRSS")
-    runner = backend.load(Path(model_path), threads)
+    runner, _ = backend.host_runner(Path(model_path), threads)
     for _ in range(runs):
         runner.run(sample)
     peak = _status_kb("VmHWM")
