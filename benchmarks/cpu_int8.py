@@ -17,7 +17,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
@@ -50,7 +49,6 @@ def build():
     return ResNet50()
 """
 RESNET_DATA = """\
-import numpy as np
 
 
 def _images(n, seed):

@@ -107,6 +107,8 @@ class Manifest(Strict):
     validation: Validation
     preprocess: dict[str, Any] | None
     labels: list[str] | None
+    tuning: dict[str, Any] | None = Field(default=None, description="the accuracy-budget search, when it ran")
+    warnings: list[str] = Field(default_factory=list)
 
 
 def bundle_name(name: str, version: str, target: str) -> str:

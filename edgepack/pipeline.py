@@ -7,14 +7,12 @@ a failed or interrupted build leaves no partial bundle.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,16 @@ from edgepack import __version__
 from edgepack.artifact import ModelArtifact, StageRecord, sha256_file
 from edgepack.backends import get_backend
 from edgepack.backends.base import Backend
-from edgepack.bundle import (Acceptance, Manifest, Measured, Measurements, Runtime, Source, Validation,
-                             bundle_name, content_digest, file_entries, write_bundle)
+from edgepack.bundle import Manifest, Measured, Source, bundle_name, write_bundle
 from edgepack.calibration.reader import SampleSet, load_samples
-from edgepack.errors import AcceptanceError, ConfigError, ToolchainError
+from edgepack.errors import AcceptanceError, CalibrationError, ConfigError, ToolchainError
 from edgepack.measure import accuracy as acc
 from edgepack.measure.latency import measure_latency
 from edgepack.measure.memory import measure_peak_memory
 from edgepack.project import Project, load_project
 from edgepack.target import TargetProfile, load_target
-from edgepack.validation import VALIDATION_SAMPLES, HOLDOUT_SAMPLES, tolerance_for
+from edgepack.manifest_writer import assemble
+from edgepack.tuning import Trial, rank_layers, search
 
 Progress = Callable[[str, str, float | None, str], None]
 
@@ -66,6 +64,8 @@ class _Shared:
     references: dict[int | None, dict[str, Any]] = field(default_factory=dict)
     toolchain: dict[str, str] = field(default_factory=dict)
     stages: list[StageRecord] = field(default_factory=list)
+    tuning: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Stage:
@@ -118,9 +118,13 @@ def _versions() -> dict[str, str]:
 
 
 def build(project_path: Path | None, targets: list[str], out: Path | None = None, threads: int | None = None,
-          progress: Progress | None = None, targets_dirs: list[Path] | None = None) -> list[BuildResult]:
+          progress: Progress | None = None, targets_dirs: list[Path] | None = None, tune: bool = True,
+          max_tuning_minutes: float = 10.0, max_tuning_steps: int = 12) -> list[BuildResult]:
     """Build one bundle per target. Returns results; failed gates are in each manifest
-    (call :func:`raise_for_acceptance` to turn them into an AcceptanceError)."""
+    (call :func:`raise_for_acceptance` to turn them into an AcceptanceError).
+
+    When INT8 misses the accuracy budget and ``tune`` is on, :mod:`edgepack.tuning` searches for a
+    build that meets it within ``max_tuning_minutes`` / ``max_tuning_steps`` per target."""
     progress = progress or _no_progress
     project = load_project(project_path)
     if not targets:
@@ -136,7 +140,10 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         backend.check_environment(compile=True)
         plans.append((prof, backend, options))
     out = _check_out_dir(Path(out) if out else project.root / "dist")
-    shared = _Shared(project, _source_of(project), toolchain=_versions())
+    if max_tuning_minutes <= 0 or max_tuning_steps < 1:
+        raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
+    shared = _Shared(project, _source_of(project), toolchain=_versions(),
+                     tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps})
     _prepare_data(shared, profiles[0], progress)
     scratch = Path(tempfile.mkdtemp(prefix=".edgepack-", suffix=".build", dir=out))
     try:
@@ -180,8 +187,36 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
                                   f"but {ev.source} has none", hint="add labels to the data, or use metric: fidelity")
             shared.metric = ev.metric or ("top1" if has_labels else "fidelity")
             st.detail = f"{len(shared.evaluation)} samples, metric {shared.metric}"
+    _check_data(shared, labels, progress)
     shared.stages.append(StageRecord("data", {"calibration": shared.calibration.describe(),
                                               "evaluation": shared.evaluation.describe()}, None, None, 0.0))
+
+
+def _check_data(shared: _Shared, labels: list[str] | None, progress: Progress) -> None:
+    """Refuse overlapping calibration/evaluation sets; warn on few samples or missing classes."""
+    cal, ev = shared.calibration, shared.evaluation
+    project = shared.project
+    if ev is not cal:
+        shared_samples = set(cal.sample_digests()) & set(ev.sample_digests())
+        if shared_samples:
+            raise CalibrationError(
+                f"the calibration and evaluation sets share {len(shared_samples)} identical sample(s): accuracy "
+                "measured on them would be optimistic",
+                hint="draw calibration data from the training split and evaluation data from a held-out split",
+            )
+    notes = []
+    if len(cal) < project.calibration.min_samples:
+        notes.append(f"only {len(cal)} calibration samples (fewer than calibration.min_samples = "
+                     f"{project.calibration.min_samples}): INT8 ranges may not represent real inputs")
+    if cal.labels is not None and labels:
+        missing = sorted(set(range(len(labels))) - set(cal.labels))
+        if missing:
+            names = ", ".join(labels[i] for i in missing[:10])
+            notes.append(f"calibration samples cover {len(labels) - len(missing)} of {len(labels)} classes "
+                         f"(missing: {names})")
+    for n in notes:
+        shared.warnings.append(n)
+        progress(n, "warn", None, "")
 
 
 def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Progress) -> ModelArtifact:
@@ -261,23 +296,78 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     ref = _reference(shared, art, threads, profile, progress)
     workdir = scratch / profile.name
     staging = workdir / "bundle"
-    with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
+    budget = accuracy_budget(project, profile, ref["measured"].accuracy["value"])
+    trials: list[Trial] = []
+
+    def try_build(step: str, method: str, kept: list[str]) -> Trial:
+        variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(
+            update={"calibration_method": method, "keep_float": kept})})
+        t0 = time.perf_counter()
         try:
-            compiled = backend.compile(art, profile, options, shared.calibration, workdir / "compile")
+            compiled = backend.compile(art, variant, options, shared.calibration, workdir / f"try-{len(trials)}")
         except ToolchainError as e:
-            raise _keep_logs(e, workdir / "compile", out, final.name) from e
-        compiled = _move_into(compiled, staging / "model")
-        st.detail = f"{compiled.size_bytes / 1e6:.2f} MB"
+            raise _keep_logs(e, workdir / f"try-{len(trials)}", out, final.name) from e
+        runner, _ = backend.host_runner(compiled.path, threads)
+        outputs = acc.run_all(runner, shared.evaluation)
+        score = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
+        p50 = measure_latency(runner, shared.evaluation.samples[0], 5, 30, 5.0, threads)["p50_ms"]
+        trial = Trial(step, method, kept, compiled, score, outputs, p50, time.perf_counter() - t0,
+                      budget is None or budget(score["value"]))
+        trials.append(trial)
+        return trial
+
+    q = profile.quantization
+    with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
+        plain = try_build(f"plain {profile.precision}", q.calibration_method, list(q.keep_float))
+        st.detail = f"{plain.compiled.size_bytes / 1e6:.2f} MB, {shared.metric} {plain.accuracy['value']:.2f}"
+    chosen, tuning = plain, None
+    if not plain.meets_budget and profile.precision == "int8" and shared.tuning["enabled"]:
+        with _Stage(progress, f"tune {profile.name} for the accuracy budget") as st:
+            result = search(plain, list(backend.calibration_methods), try_build,
+                            lambda: rank_layers(art.path, shared.calibration, workdir / "sensitivity"),
+                            shared.tuning["max_minutes"], shared.tuning["max_steps"],
+                            lambda msg: progress(f"tune {profile.name}: {msg}", "note", None, ""))
+            chosen = result.best
+            tuning = _tuning_record(result, ref["measured"].accuracy["value"], shared.tuning)
+            st.detail = result.stopped
+    compiled = _move_into(chosen.compiled, staging / "model")
     with _Stage(progress, f"measure {profile.name}") as st:
         measured, outputs = _measure(shared, backend, compiled.path, list(compiled.all_files), staging,
                                      threads, profile, f"compiled: {profile.precision} on {backend.name}")
         measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
     with _Stage(progress, f"bundle {profile.name}") as st:
-        manifest = _assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs)
+        manifest = assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs,
+                            tuning)
         write_bundle(staging, manifest, final)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
+
+
+def accuracy_budget(project: Project, profile: TargetProfile, ref_value: float):
+    """A predicate on the compiled accuracy, from max_accuracy_drop (points) and/or
+    max_relative_accuracy_drop (fraction of the FP32 figure); None when no budget is set."""
+    gates = {**profile.acceptance.model_dump(exclude_none=True), **project.acceptance.model_dump(exclude_none=True)}
+    absolute, relative = gates.get("max_accuracy_drop"), gates.get("max_relative_accuracy_drop")
+    if absolute is None and relative is None:
+        return None
+    limits = [v for v in (absolute, None if relative is None else relative * ref_value) if v is not None]
+    return lambda value: ref_value - value <= min(limits) + 1e-9
+
+
+def _tuning_record(result: Any, ref_value: float, settings: dict[str, Any]) -> dict[str, Any]:
+    sens = dict(result.sensitivity)
+    best = result.best
+    return {
+        "budget_met": best.meets_budget, "stopped": result.stopped,
+        "max_minutes": settings["max_minutes"], "max_steps": settings["max_steps"],
+        "chosen": {"step": best.step, "calibration_method": best.method},
+        "kept_in_higher_precision": [{"layer": n, "sensitivity": round(sens.get(n, float("nan")), 6)} for n in best.kept],
+        "steps": [t.to_json(ref_value) for t in result.trials],
+        "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity],
+        "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
+                           "error of the model output vs FP32 on calibration samples",
+    }
 
 
 def _move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:
@@ -301,113 +391,3 @@ def _keep_logs(err: ToolchainError, workdir: Path, out: Path, name: str) -> Tool
     kept = out / f"{name}.log"
     kept.write_text("".join(f"== {p.name}\n{p.read_text()}\n" for p in logs))
     return ToolchainError(err.message, hint=f"the toolchain's log is kept in {kept}")
-
-
-def _comparison(ref: Measured, got: Measured) -> dict[str, Any]:
-    out: dict[str, Any] = {"note": "derived from the reference and compiled figures measured side by side in this run"}
-    if ref.accuracy and got.accuracy:
-        out["accuracy_delta_points"] = round(got.accuracy["value"] - ref.accuracy["value"], 3)
-    if got.proxy:
-        out["speedup"] = "not derived: the compiled model's latency was taken on a host proxy, not the device"
-    else:
-        out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
-        out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
-    out["size_ratio"] = round(got.size["bytes"] / ref.size["bytes"], 4)
-    if ref.peak_memory.get("measured") and got.peak_memory.get("measured") and ref.peak_memory["peak_mb"] > 0:
-        out["peak_memory_ratio"] = round(got.peak_memory["peak_mb"] / ref.peak_memory["peak_mb"], 3)
-    return out
-
-
-def _gates(project: Project, profile: TargetProfile, ref: Measured, got: Measured) -> Acceptance:
-    gates = {k: v for k, v in profile.acceptance.model_dump().items() if v is not None}
-    gates.update({k: v for k, v in project.acceptance.model_dump().items() if v is not None})
-    results, reasons = [], []
-    if "max_accuracy_drop" in gates:
-        drop = round(ref.accuracy["value"] - got.accuracy["value"], 3)
-        ok = drop <= gates["max_accuracy_drop"]
-        results.append({"gate": "max_accuracy_drop", "limit": gates["max_accuracy_drop"], "value": drop,
-                        "unit": "points", "passed": ok})
-        if not ok:
-            reasons.append(f"accuracy dropped {drop:.2f} points ({got.accuracy['metric']}), "
-                           f"more than max_accuracy_drop {gates['max_accuracy_drop']}")
-    if "max_latency_ms_p90" in gates:
-        p90 = got.latency["p90_ms"]
-        ok = p90 <= gates["max_latency_ms_p90"]
-        results.append({"gate": "max_latency_ms_p90", "limit": gates["max_latency_ms_p90"], "value": p90,
-                        "unit": "ms", "passed": ok, "where": "host"})
-        if not ok:
-            reasons.append(f"p90 latency {p90:.3f} ms exceeds max_latency_ms_p90 {gates['max_latency_ms_p90']}")
-    if "max_size_mb" in gates:
-        mb = round(got.size["bytes"] / 1e6, 4)
-        ok = mb <= gates["max_size_mb"]
-        results.append({"gate": "max_size_mb", "limit": gates["max_size_mb"], "value": mb, "unit": "MB (10^6 bytes)",
-                        "passed": ok})
-        if not ok:
-            reasons.append(f"model size {mb:.3f} MB exceeds max_size_mb {gates['max_size_mb']}")
-    return Acceptance(passed=not reasons, gates=gates, results=results, reasons=reasons)
-
-
-def _device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
-    if got.proxy is None and profile.device.kind == "cpu":
-        return {"measured_on_device": False, "host_is_target_class": True,
-                "note": f"measured on the build host with the target's runtime; run `edgepack validate` on the "
-                        f"{profile.device.name} itself for its own figures"}
-    return {"measured_on_device": False, "host_is_target_class": False,
-            "accuracy": f"host proxy: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
-            "latency": "not measured on the device: the figures above are the host's. Run `edgepack validate` "
-                       f"on the {profile.device.name} for device latency",
-            }
-
-
-def _assemble(shared: _Shared, profile: TargetProfile, backend: Backend, compiled: ModelArtifact,
-              exported: ModelArtifact, staging: Path, ref: Measured, got: Measured,
-              outputs: list[list[np.ndarray]]) -> Manifest:
-    project = shared.project
-    ev = shared.evaluation
-    vdir = staging / "validation"
-    vdir.mkdir(parents=True, exist_ok=True)
-    n = min(VALIDATION_SAMPLES, len(ev))
-    in_names = [s.name for s in project.input_specs()]
-    out_names = [o.name for o in exported.outputs]
-    np.savez(vdir / "inputs.npz", **{k: np.concatenate([ev.samples[i][k] for i in range(n)]) for k in in_names})
-    np.savez(vdir / "outputs.npz", **{k: np.concatenate([outputs[i][j] for i in range(n)])
-                                      for j, k in enumerate(out_names)})
-    holdout_file, n_hold = None, 0
-    if ev.labels is not None:
-        # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
-        idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
-        n_hold = len(idx)
-        np.savez(vdir / "holdout.npz", labels=np.asarray([ev.labels[i] for i in idx], np.int64),
-                 **{k: np.concatenate([ev.samples[i][k] for i in idx]) for k in in_names})
-        holdout_file = "validation/holdout.npz"
-    tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
-    pre = project.preprocess.model_dump() if project.preprocess else None
-    labels = project.label_names()
-    (staging / "preprocess.json").write_text(json.dumps(
-        {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
-         "note": "raw image (HxWxC uint8, RGB) -> float * scale -> (x - mean) / std -> layout" if pre else
-         "inputs are fed as raw tensors"}, indent=2) + "\n")
-    (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-    stages = [s.to_json() for s in shared.stages] + [s.to_json() for s in compiled.lineage]
-    toolchain = dict(shared.toolchain)
-    profile_dump = profile.model_dump(mode="json")
-    return Manifest(
-        name=project.name, version=project.version, target=profile.name,
-        build_id=content_digest(staging),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        edgepack_version=__version__, toolchain=toolchain, source=shared.source, profile=profile_dump,
-        runtime=Runtime(backend=backend.name, runtime_package=backend.runtime_package, format=compiled.format.value,
-                        precision=compiled.precision, model_file=compiled.path.relative_to(staging).as_posix(),
-                        inputs=[s.to_json() for s in project.input_specs()],
-                        outputs=[o.to_json() for o in exported.outputs]),
-        stages=stages, files=file_entries(staging),
-        calibration=shared.calibration.describe() | {"seed": project.calibration.seed},
-        measurements=Measurements(reference=ref, compiled=got, comparison=_comparison(ref, got),
-                                  data={"evaluation": ev.describe(), "metric": shared.metric,
-                                        "latency_input": "first evaluation sample, batch 1"},
-                                  device=_device_status(profile, got)),
-        acceptance=_gates(project, profile, ref, got),
-        validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
-                              holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
-        preprocess=pre, labels=labels,
-    )

@@ -95,12 +95,18 @@ class DataSource(Strict):
     seed: int = 0
 
 
+class Calibration(DataSource):
+    min_samples: int = Field(default=100, gt=0, description="warn below this many calibration samples")
+
+
 class Evaluation(DataSource):
     metric: Literal["top1", "fidelity"] | None = None
 
 
 class Acceptance(Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, description="points (percent) of accuracy")
+    max_relative_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
+                                                     description="fraction of the FP32 accuracy, e.g. 0.01")
     max_latency_ms_p90: float | None = Field(default=None, gt=0)
     max_size_mb: float | None = Field(default=None, gt=0)
 
@@ -113,7 +119,7 @@ class Project(Strict):
     outputs: list[str] | None = None
     preprocess: Preprocess | None = None
     labels: list[str] | str | None = None
-    calibration: DataSource
+    calibration: Calibration
     evaluation: Evaluation | None = None
     acceptance: Acceptance = Field(default_factory=Acceptance)
 

@@ -49,6 +49,8 @@ class Quantization(Frozen):
     weight_type: Literal["int8"] = "int8"
     symmetric_activations: bool = False
     samples: int = Field(default=300, gt=0, description="default calibration sample count")
+    keep_float: list[str] = Field(default_factory=list,
+                                  description="ONNX node names kept in higher precision (set by accuracy tuning)")
     reason: str | None = Field(default=None, description="why these settings fit the hardware")
 
 
@@ -62,6 +64,7 @@ class Measurement(Frozen):
 
 class Gates(Frozen):
     max_accuracy_drop: float | None = None
+    max_relative_accuracy_drop: float | None = None
     max_latency_ms_p90: float | None = None
     max_size_mb: float | None = None
 

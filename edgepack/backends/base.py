@@ -39,6 +39,8 @@ class Backend(ABC):
     extra: ClassVar[str]
     runtime_package: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
+    # activation range methods `quantization.calibration_method` may name (tried by accuracy tuning)
+    calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile")
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

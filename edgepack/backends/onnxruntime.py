@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +12,6 @@ from pydantic import BaseModel
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
-from edgepack.errors import ToolchainError
 
 
 class ORTRunner:
@@ -35,19 +31,6 @@ class ORTRunner:
         return self.session.run(None, feeds)
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over a SampleSet."""
-
-    def __init__(self, samples: Any):
-        self._it = iter(list(samples))
-
-    def get_next(self) -> dict | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # pragma: no cover - called by some calibrators only
-        pass
-
-
 class ONNXRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
     produces: ClassVar[ModelFormat] = ModelFormat.ONNX
@@ -56,7 +39,7 @@ class ONNXRuntimeBackend(Backend):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
 
     class Options(Backend.Options):
-        quant_format: Literal["qdq", "qoperator"] = "qdq"
+        quant_format: Literal["qdq"] = "qdq"
         preprocess: bool = True
         reduce_range: bool = False
 
@@ -79,48 +62,19 @@ class ONNXRuntimeBackend(Backend):
             shutil.copyfile(model.path, out)
             return model.derive("compile", {"backend": self.name, "precision": "fp32"}, started,
                                 path=out, files=(out,), precision="fp32")
-        q = self._import("onnxruntime.quantization", "ONNX Runtime quantization")
-        src = model.path
-        log = io.StringIO()
+        self._import("onnxruntime.quantization", "ONNX Runtime quantization")
+        from edgepack.stages import quantize_qdq
+
         qc = target.quantization
-        try:
-            with contextlib.redirect_stdout(log), _quiet():
-                if options.preprocess:
-                    pre = workdir / "preprocessed.onnx"
-                    q.shape_inference.quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-                    src = pre
-                q.quantize_static(
-                    str(src), str(out), _Reader(calibration),
-                    quant_format=q.QuantFormat.QDQ if options.quant_format == "qdq" else q.QuantFormat.QOperator,
-                    activation_type=q.QuantType.QUInt8 if qc.activation_type == "uint8" else q.QuantType.QInt8,
-                    weight_type=q.QuantType.QInt8,
-                    per_channel=qc.per_channel,
-                    reduce_range=options.reduce_range,
-                    calibrate_method={"minmax": q.CalibrationMethod.MinMax,
-                                      "entropy": q.CalibrationMethod.Entropy,
-                                      "percentile": q.CalibrationMethod.Percentile}[qc.calibration_method],
-                    extra_options={"ActivationSymmetric": qc.symmetric_activations},
-                )
-        except Exception as e:
-            (workdir / "quantize.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")
-            raise ToolchainError(f"ONNX Runtime quantization failed: {e}",
-                                 hint=f"its log is kept in {workdir / 'quantize.log'}") from e
-        finally:
-            (workdir / "preprocessed.onnx").unlink(missing_ok=True)
+        src = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx") if options.preprocess else model.path
+        quantize_qdq.quantize(src, out, calibration, qc.calibration_method, workdir,
+                              activation_type=qc.activation_type, symmetric_activations=qc.symmetric_activations,
+                              per_channel=qc.per_channel, exclude=qc.keep_float,
+                              reduce_range=options.reduce_range)
+        (workdir / "preprocessed.onnx").unlink(missing_ok=True)
         cfg = {"backend": self.name, "precision": "int8", "tool": "onnxruntime.quantization.quantize_static",
-               "format": options.quant_format, "activations": qc.activation_type, "weights": qc.weight_type,
+               "format": "qdq", "kept_in_float": list(qc.keep_float), "activations": qc.activation_type, "weights": qc.weight_type,
                "per_channel": qc.per_channel, "symmetric_activations": qc.symmetric_activations,
                "calibration_method": qc.calibration_method, "calibration_samples": len(calibration),
                "calibration_fingerprint": calibration.fingerprint}
         return model.derive("compile", cfg, started, path=out, files=(out,), precision="int8")
-
-
-@contextlib.contextmanager
-def _quiet():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

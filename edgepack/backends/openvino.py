@@ -70,6 +70,11 @@ class OpenVINOBackend(Backend):
             nncf = self._import("nncf", "NNCF quantization")
             qc = target.quantization
             log = io.StringIO()
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+            from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+            estimator = getattr(RangeEstimatorParametersSet, RANGE_ESTIMATORS[qc.calibration_method])
+            ignored, missing = _ignored_names(ov_model, qc.keep_float)
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _quiet_nncf():
                     ov_model = nncf.quantize(
@@ -79,6 +84,9 @@ class OpenVINOBackend(Backend):
                                 else nncf.QuantizationPreset.MIXED),
                         subset_size=len(calibration),
                         fast_bias_correction=options.fast_bias_correction,
+                        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+                        advanced_parameters=AdvancedQuantizationParameters(
+                            activations_range_estimator_params=estimator),
                     )
             except Exception as e:
                 (workdir / "nncf.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")
@@ -86,6 +94,8 @@ class OpenVINOBackend(Backend):
                                      hint=f"its log is kept in {workdir / 'nncf.log'}") from e
             cfg.update({"tool": "nncf.quantize", "nncf": nncf.__version__, "preset": options.preset,
                         "per_channel_weights": True, "calibration_method": qc.calibration_method,
+                        "range_estimator": f"nncf RangeEstimatorParametersSet.{RANGE_ESTIMATORS[qc.calibration_method]}",
+                        "kept_in_float": list(qc.keep_float), "kept_not_found": missing,
                         "fast_bias_correction": options.fast_bias_correction,
                         "calibration_samples": len(calibration),
                         "calibration_fingerprint": calibration.fingerprint})
@@ -93,6 +103,24 @@ class OpenVINOBackend(Backend):
         files = (xml, xml.with_suffix(".bin"))
         return model.derive("compile", cfg, started, path=xml, files=files, format=self.produces,
                             precision=target.precision)
+
+
+# edgepack's method names -> NNCF's activation range estimators (NNCF has no entropy calibrator;
+# its histogram estimator is the closest)
+RANGE_ESTIMATORS = {"minmax": "MINMAX", "entropy": "HISTOGRAM", "percentile": "MEAN_QUANTILE"}
+
+
+def _ignored_names(ov_model: Any, onnx_nodes: list[str]) -> tuple[list[str], list[str]]:
+    """OpenVINO op names for ONNX node names: the ONNX frontend keeps the node's name, or its name
+    plus a suffix (``/0/Conv`` -> ``/0/Conv/WithoutBiases`` and the bias ``Add``)."""
+    names = [op.get_friendly_name() for op in ov_model.get_ops()]
+    found, missing = [], []
+    for node in onnx_nodes:
+        hits = [n for n in names if n == node or n.startswith(node + "/")]
+        found += hits
+        if not hits:
+            missing.append(node)
+    return found, missing
 
 
 @contextlib.contextmanager

@@ -13,8 +13,6 @@ QDQ model and labelled as a host proxy.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import time
@@ -28,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
 from edgepack.backends.base import Backend
-from edgepack.errors import ConfigError, ModelError, ToolchainError
+from edgepack.errors import ConfigError, ModelError
 
 PROXY_LABEL = "host proxy (onnxruntime, QDQ)"
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -173,7 +171,7 @@ class TensorRTBackend(Backend):
                       table.write_tensorrt_cache(out_dir / "calibration.cache", trt_version)]
             cfg.update({"tool": "onnxruntime.quantization.quantize_static (TensorRT QDQ settings)",
                         "activations": "int8 symmetric", "weights": "int8 symmetric per-channel",
-                        "quantized_op_types": options.quantize_op_types,
+                        "quantized_op_types": options.quantize_op_types, "kept_in_float": list(target.quantization.keep_float),
                         "calibration_method": target.quantization.calibration_method,
                         "calibration_samples": len(calibration), "calibration_fingerprint": calibration.fingerprint,
                         "calibration_cache": "calibration.cache"})
@@ -216,36 +214,25 @@ class TensorRTBackend(Backend):
 
     def _quantize(self, model, target, options, calibration, workdir: Path, out: Path):
         from edgepack.calibration.table import fit_ranges
+        from edgepack.stages import quantize_qdq
 
-        q = self._import("onnxruntime.quantization", "ONNX Runtime quantization")
+        self._import("onnxruntime.quantization", "ONNX Runtime quantization")
         qc = target.quantization
-        log = io.StringIO()
-        pre = workdir / "preprocessed.onnx"
-        try:
-            with contextlib.redirect_stdout(log):
-                q.shape_inference.quant_pre_process(str(model.path), str(pre), skip_symbolic_shape=False)
-                table, ort_ranges = fit_ranges(pre, calibration, qc.calibration_method, workdir / "calib")
-                method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-                          "percentile": q.CalibrationMethod.Percentile}[qc.calibration_method]
-                ops = options.quantize_op_types
-                q.quantize_static(
-                    str(pre), str(out), None, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=ops,
-                    per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-                    calibrate_method=method, calibration_cache_path=ort_ranges,
-                    extra_options={
-                        "ActivationSymmetric": True, "WeightSymmetric": True,   # zero points 0: TensorRT needs them
-                        "AddQDQPairToWeight": True,       # Q->DQ on float weights, the pattern TensorRT fuses
-                        "QuantizeBias": False,            # TensorRT folds float bias into the INT8 kernel
-                        "DedicatedQDQPair": True,         # TensorRT cannot share one Q/DQ pair between consumers
-                        "OpTypesToExcludeOutputQuantization": ops,
-                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                    },
-                )
-        except Exception as e:
-            (workdir / "quantize.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")
-            raise ToolchainError(f"QDQ quantization for TensorRT failed: {e}",
-                                 hint=f"its log is kept in {workdir / 'quantize.log'}") from e
-        return table, ort_ranges
+        pre = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx")
+        ranges = fit_ranges(pre, calibration, qc.calibration_method, workdir / "calib")
+        ops = options.quantize_op_types
+        quantize_qdq.quantize(pre, out, calibration, qc.calibration_method, workdir, activation_type="int8",
+                              symmetric_activations=True, per_channel=True, op_types=ops, exclude=qc.keep_float,
+                              ranges=ranges, extra={
+                                  "WeightSymmetric": True,          # zero points 0: TensorRT needs them
+                                  "AddQDQPairToWeight": True,       # Q->DQ on float weights, the pattern TensorRT fuses
+                                  "QuantizeBias": False,            # TensorRT folds float bias into the INT8 kernel
+                                  "DedicatedQDQPair": True,         # TensorRT cannot share one Q/DQ pair between consumers
+                                  "OpTypesToExcludeOutputQuantization": ops,
+                                  "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                              })
+        pre.unlink(missing_ok=True)
+        return ranges
 
     def _maybe_build_engine(self, out_dir: Path, options) -> list[Path]:
         """When this machine has TensorRT and a GPU, build the engine now, under its compatibility key."""

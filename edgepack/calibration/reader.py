@@ -50,6 +50,17 @@ class SampleSet:
             h.update(np.asarray(self.labels, np.int64).tobytes())
         return "sha256:" + h.hexdigest()
 
+    def sample_digests(self) -> list[str]:
+        """One content digest per sample (inputs only), to find samples two sets share."""
+        out = []
+        for s in self.samples:
+            h = hashlib.sha256()
+            for name in sorted(s):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(s[name]).tobytes())
+            out.append(h.hexdigest())
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "samples": len(self), "fingerprint": self.fingerprint,
                 "labelled": self.labels is not None}

@@ -21,6 +21,12 @@ class _Progress:
     def __call__(self, stage: str, status: str, seconds: float | None, detail: str) -> None:
         if self.quiet:
             return
+        if status == "note":
+            err.print(f"    [dim]{escape(stage)}[/]")
+            return
+        if status == "warn":
+            err.print(f"[yellow]! {escape(stage)}[/]")
+            return
         if status == "start":
             self.status = err.status(f"{escape(stage)} ...")
             self.status.start()
@@ -40,6 +46,9 @@ def build(
     targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles; repeatable."),
     format: Format = typer.Option(Format.human, "--format", help="human or json (bundle paths and headline figures)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    tune: bool = typer.Option(True, "--tune/--no-tune",
+                              help="When INT8 misses the accuracy budget, search for a build that meets it."),
+    max_tuning_minutes: float = typer.Option(10.0, "--max-tuning-minutes", help="Time cap of that search, per target."),
 ) -> None:
     """Build bundles: load -> export ONNX -> calibrate -> compile -> measure -> bundle."""
     from edgepack.api import build as run_build
@@ -47,7 +56,8 @@ def build(
 
     progress = _Progress(quiet)
     try:
-        results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir))
+        results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
+                            max_tuning_minutes)
     finally:
         if progress.status:
             progress.status.stop()
@@ -93,4 +103,9 @@ def headline(manifest, bundle: Path) -> dict:
         "speedup_p50": m.comparison.get("speedup_p50"), "size_ratio": m.comparison["size_ratio"],
         "host_proxy": m.compiled.proxy,
         "acceptance_passed": manifest.acceptance.passed, "acceptance_reasons": manifest.acceptance.reasons,
+        "tuning": None if manifest.tuning is None else {
+            "budget_met": manifest.tuning["budget_met"], "stopped": manifest.tuning["stopped"],
+            "calibration_method": manifest.tuning["chosen"]["calibration_method"],
+            "kept_in_higher_precision": [k["layer"] for k in manifest.tuning["kept_in_higher_precision"]]},
+        "warnings": manifest.warnings,
     }

@@ -1,0 +1,136 @@
+"""Assembling a bundle's manifest from what the build measured: ratios, gates, validation files."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack import __version__
+from edgepack.artifact import ModelArtifact
+from edgepack.backends.base import Backend
+from edgepack.bundle import Acceptance, Manifest, Measured, Measurements, Runtime, Validation, content_digest, file_entries
+from edgepack.project import Project
+from edgepack.target import TargetProfile
+from edgepack.validation import HOLDOUT_SAMPLES, VALIDATION_SAMPLES, tolerance_for
+
+
+def comparison(ref: Measured, got: Measured) -> dict[str, Any]:
+    out: dict[str, Any] = {"note": "derived from the reference and compiled figures measured side by side in this run"}
+    if ref.accuracy and got.accuracy:
+        out["accuracy_delta_points"] = round(got.accuracy["value"] - ref.accuracy["value"], 3)
+    if got.proxy:
+        out["speedup"] = "not derived: the compiled model's latency was taken on a host proxy, not the device"
+    else:
+        out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
+        out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
+    out["size_ratio"] = round(got.size["bytes"] / ref.size["bytes"], 4)
+    if ref.peak_memory.get("measured") and got.peak_memory.get("measured") and ref.peak_memory["peak_mb"] > 0:
+        out["peak_memory_ratio"] = round(got.peak_memory["peak_mb"] / ref.peak_memory["peak_mb"], 3)
+    return out
+
+
+def gates(project: Project, profile: TargetProfile, ref: Measured, got: Measured) -> Acceptance:
+    gates = {k: v for k, v in profile.acceptance.model_dump().items() if v is not None}
+    gates.update({k: v for k, v in project.acceptance.model_dump().items() if v is not None})
+    results, reasons = [], []
+    if "max_accuracy_drop" in gates:
+        drop = round(ref.accuracy["value"] - got.accuracy["value"], 3)
+        ok = drop <= gates["max_accuracy_drop"] + 1e-9
+        results.append({"gate": "max_accuracy_drop", "limit": gates["max_accuracy_drop"], "value": drop,
+                        "unit": "points", "passed": ok})
+        if not ok:
+            reasons.append(f"accuracy dropped {drop:.2f} points ({got.accuracy['metric']}), "
+                           f"more than max_accuracy_drop {gates['max_accuracy_drop']}")
+    if "max_relative_accuracy_drop" in gates:
+        rel = round((ref.accuracy["value"] - got.accuracy["value"]) / max(ref.accuracy["value"], 1e-9), 5)
+        ok = rel <= gates["max_relative_accuracy_drop"] + 1e-9
+        results.append({"gate": "max_relative_accuracy_drop", "limit": gates["max_relative_accuracy_drop"],
+                        "value": rel, "unit": "fraction of the FP32 figure", "passed": ok})
+        if not ok:
+            reasons.append(f"accuracy dropped {rel:.2%} of the FP32 figure, more than max_relative_accuracy_drop "
+                           f"{gates['max_relative_accuracy_drop']:.2%}")
+    if "max_latency_ms_p90" in gates:
+        p90 = got.latency["p90_ms"]
+        ok = p90 <= gates["max_latency_ms_p90"]
+        results.append({"gate": "max_latency_ms_p90", "limit": gates["max_latency_ms_p90"], "value": p90,
+                        "unit": "ms", "passed": ok, "where": "host"})
+        if not ok:
+            reasons.append(f"p90 latency {p90:.3f} ms exceeds max_latency_ms_p90 {gates['max_latency_ms_p90']}")
+    if "max_size_mb" in gates:
+        mb = round(got.size["bytes"] / 1e6, 4)
+        ok = mb <= gates["max_size_mb"]
+        results.append({"gate": "max_size_mb", "limit": gates["max_size_mb"], "value": mb, "unit": "MB (10^6 bytes)",
+                        "passed": ok})
+        if not ok:
+            reasons.append(f"model size {mb:.3f} MB exceeds max_size_mb {gates['max_size_mb']}")
+    return Acceptance(passed=not reasons, gates=gates, results=results, reasons=reasons)
+
+
+def device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
+    if got.proxy is None and profile.device.kind == "cpu":
+        return {"measured_on_device": False, "host_is_target_class": True,
+                "note": f"measured on the build host with the target's runtime; run `edgepack validate` on the "
+                        f"{profile.device.name} itself for its own figures"}
+    return {"measured_on_device": False, "host_is_target_class": False,
+            "accuracy": f"host proxy: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
+            "latency": "not measured on the device: the figures above are the host's. Run `edgepack validate` "
+                       f"on the {profile.device.name} for device latency",
+            }
+
+
+def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: ModelArtifact,
+             exported: ModelArtifact, staging: Path, ref: Measured, got: Measured,
+             outputs: list[list[np.ndarray]], tuning: dict[str, Any] | None = None) -> Manifest:
+    project = shared.project
+    ev = shared.evaluation
+    vdir = staging / "validation"
+    vdir.mkdir(parents=True, exist_ok=True)
+    n = min(VALIDATION_SAMPLES, len(ev))
+    in_names = [s.name for s in project.input_specs()]
+    out_names = [o.name for o in exported.outputs]
+    np.savez(vdir / "inputs.npz", **{k: np.concatenate([ev.samples[i][k] for i in range(n)]) for k in in_names})
+    np.savez(vdir / "outputs.npz", **{k: np.concatenate([outputs[i][j] for i in range(n)])
+                                      for j, k in enumerate(out_names)})
+    holdout_file, n_hold = None, 0
+    if ev.labels is not None:
+        # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
+        idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
+        n_hold = len(idx)
+        np.savez(vdir / "holdout.npz", labels=np.asarray([ev.labels[i] for i in idx], np.int64),
+                 **{k: np.concatenate([ev.samples[i][k] for i in idx]) for k in in_names})
+        holdout_file = "validation/holdout.npz"
+    tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
+    pre = project.preprocess.model_dump() if project.preprocess else None
+    labels = project.label_names()
+    (staging / "preprocess.json").write_text(json.dumps(
+        {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
+         "note": "raw image (HxWxC uint8, RGB) -> float * scale -> (x - mean) / std -> layout" if pre else
+         "inputs are fed as raw tensors"}, indent=2) + "\n")
+    (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    stages = [s.to_json() for s in shared.stages] + [s.to_json() for s in compiled.lineage]
+    toolchain = dict(shared.toolchain)
+    profile_dump = profile.model_dump(mode="json")
+    return Manifest(
+        name=project.name, version=project.version, target=profile.name,
+        build_id=content_digest(staging),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        edgepack_version=__version__, toolchain=toolchain, source=shared.source, profile=profile_dump,
+        runtime=Runtime(backend=backend.name, runtime_package=backend.runtime_package, format=compiled.format.value,
+                        precision=compiled.precision, model_file=compiled.path.relative_to(staging).as_posix(),
+                        inputs=[s.to_json() for s in project.input_specs()],
+                        outputs=[o.to_json() for o in exported.outputs]),
+        stages=stages, files=file_entries(staging),
+        calibration=shared.calibration.describe() | {"seed": project.calibration.seed},
+        measurements=Measurements(reference=ref, compiled=got, comparison=comparison(ref, got),
+                                  data={"evaluation": ev.describe(), "metric": shared.metric,
+                                        "latency_input": "first evaluation sample, batch 1"},
+                                  device=device_status(profile, got)),
+        acceptance=gates(project, profile, ref, got),
+        validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
+                              holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
+        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings),
+    )

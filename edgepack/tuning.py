@@ -1,0 +1,158 @@
+"""Accuracy first: when plain INT8 misses the accuracy budget, search for a build that meets it.
+
+The search is shared by every backend; each backend only knows how to honour
+``quantization.calibration_method`` and ``quantization.keep_float`` (ONNX node names left in higher
+precision). Steps, each compiled and scored on the target's own runtime:
+
+1. the other calibration methods the backend supports; keep the most accurate;
+2. rank layer sensitivity once, on the host with ONNX Runtime: quantize one weighted layer at a
+   time and measure the output error on calibration samples;
+3. keep the most sensitive layers in higher precision: 1, 2, 4, ... layers until the budget holds,
+   then bisect down to the fewest that still meet it.
+
+It stops when the budget holds, or at the step or time cap, and returns every trial (the trade
+curve) with the best one: the first that meets the budget with the fewest layers kept in float,
+else the most accurate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SENSITIVITY_SAMPLES = 32
+
+
+@dataclass
+class Trial:
+    step: str
+    method: str
+    kept: list[str]
+    compiled: Any
+    accuracy: dict
+    outputs: list
+    p50_ms: float
+    seconds: float
+    meets_budget: bool
+
+    def to_json(self, ref_value: float) -> dict[str, Any]:
+        return {"step": self.step, "calibration_method": self.method, "kept_in_higher_precision": len(self.kept),
+                "accuracy": self.accuracy["value"], "drop_points": round(ref_value - self.accuracy["value"], 3),
+                "p50_ms_host": self.p50_ms, "seconds": round(self.seconds, 2), "meets_budget": self.meets_budget}
+
+
+@dataclass
+class TuningResult:
+    best: Trial
+    trials: list[Trial]
+    sensitivity: list[tuple[str, float]] = field(default_factory=list)
+    stopped: str = ""
+
+
+def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int = SENSITIVITY_SAMPLES,
+                symmetric: bool = True) -> list[tuple[str, float]]:
+    """(node name, output error) for each weighted layer quantized alone, most sensitive first.
+
+    The error is the mean relative squared error of the model's first output against FP32,
+    ``||y_q - y||^2 / ||y||^2``, over ``samples`` calibration samples.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.calibration.reader import SampleSet
+    from edgepack.calibration.table import fit_ranges
+    from edgepack.stages import quantize_qdq
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    subset = SampleSet(calibration.samples[:samples], None, calibration.source)
+    pre = quantize_qdq.preprocess(fp32_onnx, workdir / "pre.onnx")
+    ranges = fit_ranges(pre, subset, "minmax", workdir / "calib")
+    nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in WEIGHTED_OPS]
+
+    def outputs(path: Path) -> list[np.ndarray]:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [sess.run(None, s)[0] for s in subset]
+
+    ref = outputs(pre)
+    scores = []
+    for i, node in enumerate(nodes):
+        out = workdir / f"only-{i}.onnx"
+        quantize_qdq.quantize(pre, out, subset, "minmax", workdir, symmetric_activations=symmetric,
+                              exclude=[n for n in nodes if n != node], ranges=ranges)
+        got = outputs(out)
+        err = float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r ** 2)), 1e-12) for g, r in zip(got, ref)]))
+        scores.append((node, err))
+        out.unlink(missing_ok=True)
+    return sorted(scores, key=lambda t: -t[1])
+
+
+def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list[str]], Trial],
+           rank: Callable[[], list[tuple[str, float]]], max_minutes: float, max_steps: int,
+           progress: Callable[[str], None]) -> TuningResult:
+    """Run the search from the plain INT8 trial. ``try_build(step, method, kept)`` compiles and scores."""
+    deadline = time.monotonic() + max_minutes * 60
+    trials = [plain]
+
+    def out_of_budget() -> str:
+        if len(trials) > max_steps:
+            return f"step cap ({max_steps}) reached"
+        if time.monotonic() > deadline:
+            return f"time cap ({max_minutes:g} min) reached"
+        return ""
+
+    def finish(stopped: str, sens=()) -> TuningResult:
+        meeting = [t for t in trials if t.meets_budget]
+        best = min(meeting, key=lambda t: (len(t.kept), -t.accuracy["value"])) if meeting else \
+            max(trials, key=lambda t: t.accuracy["value"])
+        return TuningResult(best, trials, list(sens), stopped)
+
+    if plain.meets_budget:
+        return finish("plain INT8 met the budget")
+    best_method = plain
+    for m in methods:
+        if m == plain.method:
+            continue
+        if stop := out_of_budget():
+            return finish(stop)
+        progress(f"calibration method {m}")
+        t = try_build(f"calibration {m}", m, [])
+        trials.append(t)
+        if t.meets_budget:
+            return finish(f"calibration method {m} met the budget")
+        if t.accuracy["value"] > best_method.accuracy["value"]:
+            best_method = t
+    if stop := out_of_budget():
+        return finish(stop)
+    progress("ranking layer sensitivity")
+    sens = rank()
+    order = [name for name, _ in sens]
+    method = best_method.method
+    lo, hi, k = 0, None, 1
+    while k <= len(order):  # grow 1, 2, 4, ... until the budget holds
+        if stop := out_of_budget():
+            return finish(stop, sens)
+        progress(f"keeping {k} layer(s) in higher precision")
+        t = try_build(f"keep {k} in float", method, order[:k])
+        trials.append(t)
+        if t.meets_budget:
+            hi = k
+            break
+        lo = k
+        k = len(order) if k < len(order) < 2 * k else 2 * k
+    if hi is None:
+        return finish(f"budget not met even with all {len(order)} weighted layers in higher precision", sens)
+    while hi - lo > 1:  # bisect down to the fewest layers that still meet it
+        if stop := out_of_budget():
+            return finish(stop, sens)
+        mid = (lo + hi) // 2
+        progress(f"keeping {mid} layer(s) in higher precision")
+        t = try_build(f"keep {mid} in float", method, order[:mid])
+        trials.append(t)
+        lo, hi = (lo, mid) if t.meets_budget else (mid, hi)
+    return finish(f"budget met keeping {hi} layer(s) in higher precision", sens)
