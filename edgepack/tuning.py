@@ -100,7 +100,7 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
     trials = [plain]
 
     def out_of_budget() -> str:
-        if len(trials) > max_steps:
+        if len(trials) - 1 >= max_steps:  # tuning trials after the plain build
             return f"step cap ({max_steps}) reached"
         if time.monotonic() > deadline:
             return f"time cap ({max_minutes:g} min) reached"

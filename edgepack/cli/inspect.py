@@ -52,6 +52,23 @@ def inspect(
     acc = m["acceptance"]
     verdict = "[green]passed[/]" if acc["passed"] else "[red]FAILED[/]: " + escape("; ".join(acc["reasons"]))
     out.print(f"acceptance {verdict}  gates {acc['gates'] or 'none set'}")
+    if m.get("warnings"):
+        for w in m["warnings"]:
+            out.print(f"[yellow]warning:[/] {escape(w)}")
+    t = m.get("tuning")
+    if t:
+        kept = ", ".join(f"{k['layer']} ({k['sensitivity']:.3g})" for k in t["kept_in_higher_precision"]) or "none"
+        verdict = "[green]met[/]" if t["budget_met"] else "[red]not met[/]"
+        out.print(f"accuracy budget {verdict}: {escape(t['stopped'])}; calibration "
+                  f"{t['chosen']['calibration_method']}; kept in higher precision: {escape(kept)}")
+        tt = Table(title="tuning steps (accuracy on the target's runtime, host latency)")
+        for col in ("step", "calibration", "layers in float", "accuracy", "drop", "p50 ms", "meets budget"):
+            tt.add_column(col)
+        for s in t["steps"]:
+            tt.add_row(escape(s["step"]), s["calibration_method"], str(s["kept_in_higher_precision"]),
+                       fmt(s["accuracy"], 2), fmt(s["drop_points"], 2), fmt(s["p50_ms_host"]),
+                       "yes" if s["meets_budget"] else "no")
+        out.print(tt)
     st = Table(title="stages")
     for col in ("stage", "seconds", "config"):
         st.add_column(col)

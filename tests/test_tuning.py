@@ -1,0 +1,145 @@
+"""Accuracy first: a model made sensitive to INT8 misses a 1-point budget with plain INT8, and the
+tuning search provably recovers it by keeping the sensitive layer in higher precision."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgepack.calibration.table import fit_ranges
+from tests.backends.contract import samples, tiny_onnx
+from tests.conftest import edit_yaml
+
+
+def test_calibration_methods_really_differ(tmp_path):
+    art = tiny_onnx(tmp_path / "m")
+    data = samples(64)
+    tables = {m: fit_ranges(art.path, data, m, tmp_path / m)[0] for m in ("minmax", "entropy", "percentile")}
+    names = sorted(tables["minmax"].ranges)
+    for a, b in (("minmax", "entropy"), ("minmax", "percentile"), ("entropy", "percentile")):
+        differ = [n for n in names if not np.allclose(tables[a].ranges[n], tables[b].ranges[n])]
+        assert differ, f"{a} and {b} gave identical ranges"
+
+
+@pytest.fixture(scope="module")
+def sensitive_project(trained_project, tmp_path_factory) -> Path:
+    """The digits CNN with one activation channel scaled x1000 and the next conv scaled back:
+    the same function in FP32, but per-tensor INT8 ranges of that activation are ruined by it."""
+    import torch
+
+    root = tmp_path_factory.mktemp("sensitive") / "proj"
+    shutil.copytree(trained_project, root)
+    state = torch.load(root / "weights.pt", weights_only=True)
+    state["body.1.weight"][0] *= 1000.0   # BatchNorm after conv1: gamma and beta of channel 0
+    state["body.1.bias"][0] *= 1000.0
+    state["body.3.weight"][:, 0] /= 1000.0  # conv2 reads channel 0 scaled back down
+    torch.save(state, root / "weights.pt")
+    edit_yaml(root, "max_accuracy_drop: 2.0", "max_accuracy_drop: 1.0")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tuned(sensitive_project, tmp_path_factory):
+    from edgepack.api import build
+
+    out = tmp_path_factory.mktemp("tuned")
+    return {r.target: r for r in build(sensitive_project, ["onnx", "cpu"], out, max_tuning_minutes=5)}
+
+
+@pytest.mark.parametrize("target", ["onnx", "cpu"])
+def test_plain_int8_misses_and_tuning_recovers_the_budget(tuned, target):
+    m = tuned[target].manifest
+    t = m.tuning
+    assert t is not None
+    plain = t["steps"][0]
+    assert plain["step"] == "plain int8" and plain["drop_points"] > 1.0 and not plain["meets_budget"]
+    assert t["budget_met"] is True and m.acceptance.passed
+    drop = m.measurements.reference.accuracy["value"] - m.measurements.compiled.accuracy["value"]
+    assert drop <= 1.0
+    assert all(s["accuracy"] is not None and s["p50_ms_host"] > 0 for s in t["steps"])
+    assert t["steps"][-1]["meets_budget"] and not any(s["meets_budget"] for s in t["steps"][:-1])
+    assert m.runtime.precision == "int8"
+
+
+def test_onnx_runtime_recovers_by_entropy_calibration(tuned):
+    """Entropy calibration clips the x1000 outlier channel: the method step alone meets the budget."""
+    t = tuned["onnx"].manifest.tuning
+    assert t["chosen"] == {"step": "calibration entropy", "calibration_method": "entropy"}
+    assert t["kept_in_higher_precision"] == []
+
+
+def test_openvino_recovers_by_keeping_the_sensitive_layers_in_float(tuned):
+    """NNCF's range estimators do not clip the outlier, so the search falls through to layer sensitivity."""
+    t = tuned["cpu"].manifest.tuning
+    kept = [k["layer"] for k in t["kept_in_higher_precision"]]
+    ranked = [s["layer"] for s in t["sensitivity"]]
+    assert kept and kept == ranked[: len(kept)]  # the most sensitive first
+    # the two convolutions that produce and read the scaled activation stand out
+    errors = [s["output_error"] for s in t["sensitivity"]]
+    assert min(errors[:2]) > 100 * max(errors[2:])
+    assert [s["step"] for s in t["steps"]][-1].startswith("keep ")
+    assert "higher precision" in t["stopped"]
+
+
+def test_tuned_bundle_still_validates(tuned, tmp_path):
+    from edgepack.validation import validate
+
+    assert validate(tuned["onnx"].bundle, report=tmp_path / "r.json", runs=5)["passed"]
+
+
+def test_step_cap_ends_with_exit_3_and_the_best_bundle(sensitive_project, tmp_path):
+    from edgepack.api import build, raise_for_acceptance
+    from edgepack.errors import AcceptanceError
+
+    [res] = build(sensitive_project, ["cpu"], tmp_path, max_tuning_steps=1)
+    assert res.bundle.is_file() and not res.passed
+    assert res.manifest.tuning["stopped"] == "step cap (1) reached"
+    assert len(res.manifest.tuning["steps"]) == 2
+    assert res.manifest.tuning["budget_met"] is False
+    with pytest.raises(AcceptanceError) as info:
+        raise_for_acceptance([res])
+    assert info.value.exit_code == 3 and "max_accuracy_drop" in info.value.message
+
+
+def test_time_cap_through_the_cli(sensitive_project, tmp_path):
+    from edgepack.cli.app import app
+
+    res = CliRunner().invoke(app, ["build", "--project", str(sensitive_project), "--target", "cpu", "--out",
+                                   str(tmp_path), "--max-tuning-minutes", "0.001", "--format", "json", "-q"])
+    assert res.exit_code == 3, res.output
+    head = json.loads(res.stdout)[0]
+    assert head["tuning"]["budget_met"] is False and "time cap" in head["tuning"]["stopped"]
+    assert Path(head["bundle"]).is_file()
+
+
+def test_no_tune_keeps_plain_int8(sensitive_project, tmp_path):
+    from edgepack.api import build
+
+    [res] = build(sensitive_project, ["onnx"], tmp_path, tune=False)
+    assert res.manifest.tuning is None and not res.passed
+
+
+def test_overlapping_calibration_and_evaluation_sets_are_refused(project):
+    from edgepack.api import build
+    from edgepack.errors import CalibrationError
+
+    shutil.copyfile(project / "data" / "eval.npz", project / "data" / "calib.npz")
+    with pytest.raises(CalibrationError, match="share 200 identical sample"):
+        build(project, ["onnx"], project / "dist")
+
+
+def test_few_calibration_samples_and_missing_classes_warn(project):
+    from edgepack.api import build
+
+    d = np.load(project / "data" / "calib.npz")
+    keep = d["labels"] < 5
+    np.savez(project / "data" / "calib.npz", images=d["images"][keep][:40], labels=d["labels"][keep][:40])
+    edit_yaml(project, "max_accuracy_drop: 2.0", "max_accuracy_drop: 100")
+    [res] = build(project, ["onnx"], project / "dist")
+    w = " | ".join(res.manifest.warnings)
+    assert "only 40 calibration samples" in w and "cover 5 of 10 classes" in w and "missing: five" in w
