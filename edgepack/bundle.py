@@ -66,6 +66,8 @@ class Measured(Strict):
 class Measurements(Strict):
     reference: Measured
     compiled: Measured
+    target_fp32: dict[str, Any] | None = Field(
+        default=None, description="latency of the FP32 model on the target's own runtime, when it is not the reference's")
     comparison: dict[str, Any] = Field(description="ratios derived from the two figures above")
     data: dict[str, Any] = Field(description="the evaluation and latency inputs: source, sample count, fingerprint")
     device: dict[str, Any] = Field(description="what was and was not measured on the target device itself")

@@ -18,7 +18,7 @@ from edgepack.target import TargetProfile
 from edgepack.validation import HOLDOUT_SAMPLES, VALIDATION_SAMPLES, tolerance_for
 
 
-def comparison(ref: Measured, got: Measured) -> dict[str, Any]:
+def comparison(ref: Measured, got: Measured, target_fp32: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"note": "derived from the reference and compiled figures measured side by side in this run"}
     if ref.accuracy and got.accuracy:
         out["accuracy_delta_points"] = round(got.accuracy["value"] - ref.accuracy["value"], 3)
@@ -27,6 +27,8 @@ def comparison(ref: Measured, got: Measured) -> dict[str, Any]:
     else:
         out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
         out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
+        if target_fp32:
+            out["speedup_p50_vs_target_fp32"] = round(target_fp32["latency"]["p50_ms"] / got.latency["p50_ms"], 3)
     out["size_ratio"] = round(got.size["bytes"] / ref.size["bytes"], 4)
     if ref.peak_memory.get("measured") and got.peak_memory.get("measured") and ref.peak_memory["peak_mb"] > 0:
         out["peak_memory_ratio"] = round(got.peak_memory["peak_mb"] / ref.peak_memory["peak_mb"], 3)
@@ -84,7 +86,8 @@ def device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
 
 def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: ModelArtifact,
              exported: ModelArtifact, staging: Path, ref: Measured, got: Measured,
-             outputs: list[list[np.ndarray]], tuning: dict[str, Any] | None = None) -> Manifest:
+             outputs: list[list[np.ndarray]], tuning: dict[str, Any] | None = None,
+             target_fp32: dict[str, Any] | None = None) -> Manifest:
     project = shared.project
     ev = shared.evaluation
     vdir = staging / "validation"
@@ -125,7 +128,8 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
                         outputs=[o.to_json() for o in exported.outputs]),
         stages=stages, files=file_entries(staging),
         calibration=shared.calibration.describe() | {"seed": project.calibration.seed},
-        measurements=Measurements(reference=ref, compiled=got, comparison=comparison(ref, got),
+        measurements=Measurements(reference=ref, compiled=got, target_fp32=target_fp32,
+                                  comparison=comparison(ref, got, target_fp32),
                                   data={"evaluation": ev.describe(), "metric": shared.metric,
                                         "latency_input": "first evaluation sample, batch 1"},
                                   device=device_status(profile, got)),

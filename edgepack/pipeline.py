@@ -336,12 +336,27 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
                                      threads, profile, f"compiled: {profile.precision} on {backend.name}")
         measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+    target_fp32 = None
+    if backend.name != "onnxruntime" and measured.proxy is None and profile.precision != "fp32":
+        with _Stage(progress, f"measure fp32 on {backend.name}") as st:
+            target_fp32 = _target_fp32(backend, options, profile, art, workdir / "fp32", shared, threads)
+            st.detail = f"p50 {target_fp32['latency']['p50_ms']:.3f} ms"
     with _Stage(progress, f"bundle {profile.name}") as st:
         manifest = assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs,
-                            tuning)
+                            tuning, target_fp32)
         write_bundle(staging, manifest, final)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
+
+
+def _target_fp32(backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact, workdir: Path,
+                 shared: _Shared, threads: int) -> dict[str, Any]:
+    """The FP32 model compiled and timed on the target's own runtime: the speed-up INT8 buys there."""
+    fp32 = backend.compile(art, profile.model_copy(update={"precision": "fp32"}), options, shared.calibration, workdir)
+    runner, _ = backend.host_runner(fp32.path, threads)
+    m = profile.measurement
+    latency = measure_latency(runner, shared.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
+    return {"model": f"fp32 on {backend.name}", "latency": latency, "size_bytes": fp32.size_bytes}
 
 
 def accuracy_budget(project: Project, profile: TargetProfile, ref_value: float):

@@ -101,6 +101,8 @@ def headline(manifest, bundle: Path) -> dict:
                      "peak_memory_mb": m.compiled.peak_memory.get("peak_mb")},
         "accuracy_delta_points": m.comparison.get("accuracy_delta_points"),
         "speedup_p50": m.comparison.get("speedup_p50"), "size_ratio": m.comparison["size_ratio"],
+        "target_fp32_p50_ms": m.target_fp32["latency"]["p50_ms"] if m.target_fp32 else None,
+        "speedup_p50_vs_target_fp32": m.comparison.get("speedup_p50_vs_target_fp32"),
         "host_proxy": m.compiled.proxy,
         "acceptance_passed": manifest.acceptance.passed, "acceptance_reasons": manifest.acceptance.reasons,
         "tuning": None if manifest.tuning is None else {

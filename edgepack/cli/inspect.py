@@ -38,6 +38,11 @@ def inspect(
         t.add_row(escape(r["model"]), acc, fmt(lat["p50_ms"]), fmt(lat["p90_ms"]), fmt(lat["p99_ms"]),
                   str(r["size"]["bytes"]), fmt(r["peak_memory"].get("peak_mb"), 1), escape(where))
     out.print(t)
+    if meas.get("target_fp32"):
+        tf = meas["target_fp32"]
+        out.print(f"fp32 on the target's runtime ({escape(tf['model'])}): p50 {tf['latency']['p50_ms']:.3f} ms, "
+                  f"p90 {tf['latency']['p90_ms']:.3f} ms; compiled speed-up over it "
+                  f"{meas['comparison'].get('speedup_p50_vs_target_fp32', 'n/a')}x")
     c = meas["comparison"]
     speed = f"{c['speedup_p50']:.2f}x" if "speedup_p50" in c else c.get("speedup", "n/a")
     out.print(f"accuracy delta {fmt(c.get('accuracy_delta_points'), 2)} points, speed-up p50 {escape(str(speed))}, "
