@@ -251,3 +251,12 @@ def test_init_writes_a_project_file_that_parses(tmp_path):
 def test_validate_a_missing_bundle(tmp_path):
     res = run("validate", str(tmp_path / "nope.edgepack"))
     assert res.exit_code == 2 and "bundle not found" in error_lines(res)[0]
+
+
+def test_doctor_reports_each_backend():
+    res = run("doctor", "--format", "json")
+    assert res.exit_code == 0
+    rows = {(r["backend"], r["role"]): r for r in json.loads(res.stdout)}
+    assert rows[("onnxruntime", "run")]["ok"] and rows[("openvino", "build")]["ok"]
+    trt = rows[("tensorrt", "run")]
+    assert trt["ok"] is False and "TensorRT" in trt["hint"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from edgepack import __version__
-from edgepack.cli import build, engine, init, inspect, targets, validate
+from edgepack.cli import build, doctor, engine, init, inspect, targets, validate
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -38,4 +38,5 @@ app.command("validate")(validate.validate)
 app.command("inspect")(inspect.inspect)
 app.command("init")(init.init)
 app.command("build-engine")(engine.build_engine)
+app.command("doctor")(doctor.doctor)
 app.add_typer(targets.app, name="targets", help="List and show target profiles.")
