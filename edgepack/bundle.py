@@ -111,6 +111,7 @@ class Manifest(Strict):
     labels: list[str] | None
     tuning: dict[str, Any] | None = Field(default=None, description="the accuracy-budget search, when it ran")
     warnings: list[str] = Field(default_factory=list)
+    prune: dict[str, Any] | None = Field(default=None, description="the prune stage: counts, accuracy, latency effect")
 
 
 def bundle_name(name: str, version: str, target: str) -> str:

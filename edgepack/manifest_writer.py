@@ -87,7 +87,7 @@ def device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
 def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: ModelArtifact,
              exported: ModelArtifact, staging: Path, ref: Measured, got: Measured,
              outputs: list[list[np.ndarray]], tuning: dict[str, Any] | None = None,
-             target_fp32: dict[str, Any] | None = None) -> Manifest:
+             target_fp32: dict[str, Any] | None = None, prune: dict[str, Any] | None = None) -> Manifest:
     project = shared.project
     ev = shared.evaluation
     vdir = staging / "validation"
@@ -136,5 +136,5 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         acceptance=gates(project, profile, ref, got),
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
-        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings),
+        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings), prune=prune,
     )

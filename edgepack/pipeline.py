@@ -57,7 +57,7 @@ class _Shared:
 
     project: Project
     source: Source
-    exports: dict[int | None, ModelArtifact] = field(default_factory=dict)
+    exports: dict[Any, ModelArtifact] = field(default_factory=dict)
     calibration: SampleSet | None = None
     evaluation: SampleSet | None = None
     metric: str = "fidelity"
@@ -66,6 +66,7 @@ class _Shared:
     stages: list[StageRecord] = field(default_factory=list)
     tuning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    prune: dict[str, Any] | None = None
 
 
 class _Stage:
@@ -140,6 +141,9 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         backend.check_environment(compile=True)
         plans.append((prof, backend, options))
     out = _check_out_dir(Path(out) if out else project.root / "dist")
+    if project.prune and project.model.kind == "onnx":
+        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model, "
+                          f"but model.path is an ONNX file", hint="point model.path at file.py:factory, or remove prune")
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
     shared = _Shared(project, _source_of(project), toolchain=_versions(),
@@ -244,11 +248,86 @@ def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Pr
         names = project.outputs or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
         if len(names) != n_out:
             raise ConfigError(f"key 'outputs' names {len(names)} outputs, the model returns {n_out}")
+        unpruned = module
+        if project.prune:
+            module = _prune(shared, module, specs, progress)
         with _Stage(progress, "export onnx") as st:
             art = export(module, specs, names, workdir / f"export-{key}", key, shared.source.digest)
+            if project.prune and project.prune.method == "sparse-2of4":
+                art = replace(art, details={**art.details, "sparsity": "2:4"})
             st.detail = f"opset {art.details['opset']}, {art.size_bytes / 1e6:.2f} MB"
+        if project.prune:
+            shared.exports[("unpruned", key)] = export(unpruned, specs, names, workdir / f"unpruned-{key}", key,
+                                                       shared.source.digest)
     shared.exports[key] = art
     return art
+
+
+def _prune(shared: _Shared, module: Any, specs: list, progress: Progress) -> Any:
+    """Prune (and recover) the torch module; the record goes into the manifest's ``prune`` section."""
+    import copy
+
+    from edgepack.stages import prune as pr
+
+    cfg = shared.project.prune
+    ev = shared.evaluation
+    ev_x, ev_y = ev.stacked(), ev.labels
+    with _Stage(progress, f"prune ({cfg.method})") as st:
+        before = pr.evaluate(module, ev_x, ev_y, None)
+        ref_logits = before.pop("logits")
+        teacher = module
+        ignore = cfg.ignore if cfg.ignore is not None else pr.default_ignore(module)
+        masks = None
+        if cfg.method == "structured":
+            pruned, record = pr.structured(module, specs, cfg.importance, ignore, cfg.ratio, cfg.target_macs,
+                                           cfg.target_params)
+        else:
+            pruned = copy.deepcopy(module)
+            masks = pr.masks_2of4(pruned, ignore)
+            pr.apply_masks(pruned, masks)
+            counts = pr.count(module, specs)
+            eligible = [n for n, m in pruned.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
+            record = {"method": "sparse-2of4", "ignored": ignore, "layers_sparse": sorted(masks),
+                      "layers_dense": [n for n in eligible if n not in masks and n not in ignore],
+                      "before": counts, "after": counts,
+                      "note": "2 of every 4 consecutive input weights are zero; dense runtimes gain nothing, "
+                              "TensorRT's sparse tensor-core kernels use it when the engine is built with sparsity"}
+        after = pr.evaluate(pruned, ev_x, ev_y, ref_logits)
+        after.pop("logits")
+        record["accuracy_fp32"] = {"metric": before["metric"] if ev_y is not None else "fidelity",
+                                   "before_pruning": before["value"] if ev_y is not None else 100.0,
+                                   "after_pruning": after["value"], "samples": len(ev)}
+        st.detail = (f"{record.get('macs_removed', 0):.0%} of MACs removed, accuracy {record['accuracy_fp32']['before_pruning']:.2f} "
+                     f"-> {after['value']:.2f}")
+    if cfg.finetune:
+        ft = cfg.finetune
+        with _Stage(progress, f"fine-tune pruned model ({ft.epochs} epochs)") as st:
+            data = shared.calibration
+            if ft.data is not None:
+                data = load_samples(ft.data.source, shared.project.root, shared.project.input_specs(),
+                                    shared.project.preprocess.model_dump() if shared.project.preprocess else None,
+                                    ft.data.samples, ft.data.seed, shared.project.label_names(), "prune.finetune.data")
+            xs = data.stacked()
+            pr.check_training_data(xs, specs)
+            record["finetune"] = pr.finetune(
+                pruned, teacher, xs, data.labels, ft.epochs, ft.lr, ft.batch_size, cfg.seed, masks,
+                lambda e, loss: progress(f"epoch {e}/{ft.epochs}: loss {loss:.4f}", "note", None, ""))
+            record["finetune"]["data"] = data.describe()
+            rec = pr.evaluate(pruned, ev_x, ev_y, ref_logits)
+            rec.pop("logits")
+            record["accuracy_fp32"]["after_recovery"] = rec["value"]
+            st.detail = f"accuracy {rec['value']:.2f}"
+    if masks:
+        record["sparsity_check"] = _check_2of4(pruned, masks)
+    shared.prune = record
+    shared.stages.append(StageRecord("prune", {k: v for k, v in record.items() if k != "finetune"}, None, None, 0.0))
+    return pruned.eval()
+
+
+def _check_2of4(module: Any, masks: dict) -> dict[str, Any]:
+    subs = dict(module.named_modules())
+    zero_share = {n: round(float((subs[n].weight == 0).float().mean()), 4) for n in masks}
+    return {"zero_share_per_layer": zero_share}
 
 
 def st_time(st: _Stage) -> float:
@@ -336,6 +415,14 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
                                      threads, profile, f"compiled: {profile.precision} on {backend.name}")
         measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+    if shared.prune is not None:
+        with _Stage(progress, f"measure unpruned {profile.name}") as st:
+            prune_effect = _unpruned_latency(shared, backend, options, profile, workdir / "unpruned", threads,
+                                             measured.latency["p50_ms"])
+            st.detail = f"p50 {prune_effect['unpruned_p50_ms']:.3f} ms -> pruned {prune_effect['pruned_p50_ms']:.3f} ms"
+        shared_prune = {**shared.prune, "latency_effect": prune_effect}
+    else:
+        shared_prune = None
     target_fp32 = None
     if backend.name != "onnxruntime" and measured.proxy is None and profile.precision != "fp32":
         with _Stage(progress, f"measure fp32 on {backend.name}") as st:
@@ -343,10 +430,23 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
             st.detail = f"p50 {target_fp32['latency']['p50_ms']:.3f} ms"
     with _Stage(progress, f"bundle {profile.name}") as st:
         manifest = assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs,
-                            tuning, target_fp32)
+                            tuning, target_fp32, shared_prune)
         write_bundle(staging, manifest, final)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
+
+
+def _unpruned_latency(shared: _Shared, backend: Backend, options: Any, profile: TargetProfile, workdir: Path,
+                      threads: int, pruned_p50: float) -> dict[str, Any]:
+    """The unpruned model compiled for the same target (plain, no tuning) and timed the same way."""
+    art = shared.exports[("unpruned", profile.max_opset)]
+    compiled = backend.compile(art, profile, options, shared.calibration, workdir)
+    runner, proxy = backend.host_runner(compiled.path, threads)
+    m = profile.measurement
+    lat = measure_latency(runner, shared.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
+    return {"unpruned_p50_ms": lat["p50_ms"], "pruned_p50_ms": pruned_p50,
+            "speedup_p50": round(lat["p50_ms"] / pruned_p50, 3), "precision": profile.precision,
+            "where": "host proxy" if proxy else "host, the target's runtime", "measured_in_same_run": True}
 
 
 def _target_fp32(backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact, workdir: Path,

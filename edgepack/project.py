@@ -103,6 +103,37 @@ class Evaluation(DataSource):
     metric: Literal["top1", "fidelity"] | None = None
 
 
+class Finetune(Strict):
+    """Recovery training after pruning. ``data`` is labelled training data given like a calibration
+    source (default: the calibration source); without labels the pruned model is distilled from the
+    unpruned one."""
+
+    epochs: int = Field(gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    data: DataSource | None = None
+
+
+class Prune(Strict):
+    method: Literal["structured", "sparse-2of4"] = "structured"
+    ratio: float | None = Field(default=None, gt=0, lt=1, description="share of channels removed per layer")
+    target_macs: float | None = Field(default=None, gt=0, lt=1, description="share of MACs to remove")
+    target_params: float | None = Field(default=None, gt=0, lt=1, description="share of parameters to remove")
+    importance: Literal["l1", "l2"] = "l1"
+    ignore: list[str] | None = Field(default=None, description="module names kept whole (default: the classifier)")
+    finetune: Finetune | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _amount(self) -> "Prune":
+        given = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k) is not None]
+        if self.method == "structured" and len(given) != 1:
+            raise ValueError("structured pruning needs exactly one of ratio, target_macs, target_params")
+        if self.method == "sparse-2of4" and given:
+            raise ValueError(f"sparse-2of4 fixes the amount at 50% of weights; remove {', '.join(given)}")
+        return self
+
+
 class Acceptance(Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, description="points (percent) of accuracy")
     max_relative_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
@@ -122,6 +153,7 @@ class Project(Strict):
     calibration: Calibration
     evaluation: Evaluation | None = None
     acceptance: Acceptance = Field(default_factory=Acceptance)
+    prune: Prune | None = None
 
     # set by load_project, not part of the file
     root: Path = Field(default=Path("."), exclude=True)

@@ -182,7 +182,7 @@ class TensorRTBackend(Backend):
         builder = {
             "onnx": "model.onnx", "precision": target.precision, "workspace_mb": options.workspace_mb,
             "dla_core": options.dla_core, "gpu_fallback": options.dla_core is not None,
-            "sparsity": options.sparsity, "strongly_typed": target.precision == "int8" and int(trt_version.split(".")[0]) >= 10,
+            "sparsity": options.sparsity or model.details.get("sparsity") == "2:4", "strongly_typed": target.precision == "int8" and int(trt_version.split(".")[0]) >= 10,
             "optimization_profiles": [prof] if prof else [],
             "calibration_cache": "calibration.cache" if target.precision == "int8" else None,
             "target": {"sm": target.device.sm, **target.device.software, "dla_cores": target.device.dla_cores},
