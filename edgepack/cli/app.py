@@ -6,6 +6,7 @@ import typer
 
 from edgepack import __version__
 from edgepack.cli import build, engine, init, inspect, targets, validate
+from edgepack.cli import sign
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -39,3 +40,6 @@ app.command("inspect")(inspect.inspect)
 app.command("init")(init.init)
 app.command("build-engine")(engine.build_engine)
 app.add_typer(targets.app, name="targets", help="List and show target profiles.")
+app.command("keygen")(sign.keygen)
+app.command("sign")(sign.sign)
+app.command("verify")(sign.verify)
