@@ -6,7 +6,7 @@ import typer
 
 from edgepack import __version__
 from edgepack.cli import build, engine, init, inspect, targets, validate
-from edgepack.cli import sign
+from edgepack.cli import registry, sign
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -43,3 +43,5 @@ app.add_typer(targets.app, name="targets", help="List and show target profiles."
 app.command("keygen")(sign.keygen)
 app.command("sign")(sign.sign)
 app.command("verify")(sign.verify)
+app.command("push")(registry.push)
+app.command("pull")(registry.pull)
