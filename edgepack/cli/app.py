@@ -6,7 +6,7 @@ import typer
 
 from edgepack import __version__
 from edgepack.cli import build, engine, init, inspect, targets, validate
-from edgepack.cli import registry, sign
+from edgepack.cli import device, registry, sign
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -45,3 +45,6 @@ app.command("sign")(sign.sign)
 app.command("verify")(sign.verify)
 app.command("push")(registry.push)
 app.command("pull")(registry.pull)
+app.command("install")(device.install)
+app.command("rollback")(device.rollback)
+app.command("status")(device.status)
