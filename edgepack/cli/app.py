@@ -6,7 +6,7 @@ import typer
 
 from edgepack import __version__
 from edgepack.cli import build, engine, init, inspect, targets, validate
-from edgepack.cli import device, registry, sign
+from edgepack.cli import device, fleet, registry, sign
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -48,3 +48,4 @@ app.command("pull")(registry.pull)
 app.command("install")(device.install)
 app.command("rollback")(device.rollback)
 app.command("status")(device.status)
+app.add_typer(fleet.app, name="fleet", help="The fleet view: which device runs which version.")
