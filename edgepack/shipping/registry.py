@@ -117,14 +117,14 @@ class Client:
         challenge = resp.headers.get("Www-Authenticate", "")
         return "basic" if resp.status_code == 401 and challenge.lower().startswith("basic") else "token"
 
-    def request(self, method: str, url: str, what: str, **kw) -> Any:
-        return with_retries(lambda: self.reg.do_request(url, method, **kw), self.ref.registry, what)
+    def request(self, method: str, url: str, **kw) -> Any:
+        return self.reg.do_request(url, method, **kw)
 
     def manifest_url(self, reference: str) -> str:
         return f"{self.base}/v2/{self.ref.repository}/manifests/{reference}"
 
     def tags(self) -> list[str]:
-        resp = self.request("GET", f"{self.base}/v2/{self.ref.repository}/tags/list", "list tags")
+        resp = self.request("GET", f"{self.base}/v2/{self.ref.repository}/tags/list")
         return sorted((resp.json() or {}).get("tags") or []) if resp.status_code == 200 else []
 
     def check(self, resp, what: str, ok: tuple[int, ...] = (200, 201, 202)) -> None:
@@ -139,8 +139,8 @@ class Client:
 
 
 def _make_registry(oras, requests, host: str, insecure: bool, backend: str):
-    """An oras Registry whose requests go through a session with timeouts and no oras-level retry
-    (edgepack's retry wraps each call instead, see `with_retries`)."""
+    """An oras Registry whose every request (oras' own blob uploads included) goes through
+    edgepack's retry policy and a session with timeouts, instead of oras' retry decorator."""
     from http.cookiejar import DefaultCookiePolicy
 
     class _Session(requests.Session):
@@ -155,7 +155,8 @@ def _make_registry(oras, requests, host: str, insecure: bool, backend: str):
             headers = dict(headers or {})
             if backend == "basic" and getattr(self.auth, "_basic_auth", None):
                 headers.update(self.auth.get_auth_header())  # answer the Basic challenge up front
-            return plain(self, url, method, data, headers, json, stream)
+            what = f"{method} /{url.split('://', 1)[-1].split('/', 1)[-1]}"
+            return with_retries(lambda: plain(self, url, method, data, headers, json, stream), host, what)
 
     reg = _Registry(hostname=host, insecure=insecure, auth_backend=backend)
     session = _Session()
@@ -233,7 +234,7 @@ def push(bundle: Path, ref_text: str, extra_tags: list[str] | None = None, plain
     body = json.dumps(oci, separators=(",", ":"), sort_keys=True).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     for t in tags:
-        resp = client.request("PUT", client.manifest_url(t), f"tag {t}", data=body,
+        resp = client.request("PUT", client.manifest_url(t), data=body,
                               headers={"Content-Type": OCI_MANIFEST})
         client.check(resp, f"write tag {t}")
         served = resp.headers.get("Docker-Content-Digest")
@@ -266,7 +267,7 @@ def _download(client: Client, layer: dict[str, Any], tmp: Path, ref: Ref) -> Non
     size = int(layer["size"])
     for attempt in range(RETRIES):
         h, done = hashlib.sha256(), 0
-        resp = client.request("GET", url, "download the bundle", stream=True)
+        resp = client.request("GET", url, stream=True)
         client.check(resp, "download the bundle")
         try:
             with resp, _sink(tmp) as f:
@@ -324,7 +325,7 @@ def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool
         raise ConfigError(f"'{ref_text}' names no tag or digest", hint="add :TAG (e.g. :1.2.3-onnx) or @sha256:...")
     client = Client(ref, plain_http)
     reference = ref.digest or ref.tag or ""
-    resp = client.request("GET", client.manifest_url(reference), f"fetch {reference}",
+    resp = client.request("GET", client.manifest_url(reference),
                           headers={"Accept": OCI_MANIFEST})
     if resp.status_code == 404:
         known = client.tags()

@@ -196,3 +196,34 @@ def test_login_from_the_docker_config(auth_registry, signed_v1, tmp_path, monkey
     monkeypatch.setenv("DOCKER_CONFIG", str(wrong))
     res = cli("pull", f"{host}/models/digits:1.2.3-onnx", "--out", tmp_path / "denied")
     assert res.exit_code == 11 and "denied access" in error_lines(res)[0]
+
+
+def test_chunked_upload_for_big_bundles(registry, signed_v1, tmp_path, monkeypatch):
+    from edgepack.shipping import registry as reg
+
+    monkeypatch.setattr(reg, "CHUNKED_ABOVE_BYTES", 0)  # POST, PATCH, PUT instead of one PUT
+    res = cli("push", signed_v1, f"{registry.host}/models/chunked")
+    assert res.exit_code == 0, res.output
+    res = cli("pull", f"{registry.host}/models/chunked:1.2.3-onnx", "--out", tmp_path)
+    assert res.exit_code == 0 and (tmp_path / signed_v1.name).read_bytes() == signed_v1.read_bytes()
+
+
+def test_transient_answers_are_retried(fast_retries):
+    from types import SimpleNamespace
+
+    from edgepack.errors import RegistryUnreachableError
+    from edgepack.shipping.registry import with_retries
+
+    answers = iter([503, 502, 200])
+    resp = with_retries(lambda: SimpleNamespace(status_code=next(answers), reason="x"), "r:1", "get")
+    assert resp.status_code == 200
+    final = with_retries(lambda: SimpleNamespace(status_code=503, reason="busy"), "r:1", "get")
+    assert final.status_code == 503  # the caller reports the last answer
+
+    def refused():
+        import requests
+
+        raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+
+    with pytest.raises(RegistryUnreachableError, match="could not get after 4 attempts"):
+        with_retries(refused, "r:1", "get")
