@@ -86,6 +86,8 @@ def _version_line(label: str, v: dict[str, Any] | None) -> str:
 def _print_status(s: dict[str, Any]) -> None:
     out.print(f"device   {escape(str(s['device_id']))}  root {escape(s['root'])}")
     out.print(_version_line("active", s["active"]))
+    if (s["active"] or {}).get("integrity") == "ok":
+        out.print("         every file of the active bundle matches its sha256")
     out.print(_version_line("previous", s["previous"]))
     last = s.get("last_attempt")
     if last:

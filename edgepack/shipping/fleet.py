@@ -43,7 +43,7 @@ def _row(path: Path, data: dict[str, Any], now: datetime, stale_hours: float) ->
         "signed": bool(active.get("signature_verified")),
         "previous": prev.get("version"),
         "last_attempt": last.get("result"), "last_error": last.get("error") if last.get("result") == "failed" else None,
-        "last_attempt_version": last.get("version"),
+        "last_attempt_version": last.get("version") or last.get("source"),
         "reported_at": data.get("reported_at"), "age_hours": age,
         "stale": age is not None and age > stale_hours,
         "problem": data.get("problem") or ("an install was interrupted" if data.get("interrupted") else None),
@@ -51,14 +51,15 @@ def _row(path: Path, data: dict[str, Any], now: datetime, stale_hours: float) ->
 
 
 def report(folder: Path, stale_hours: float = 24.0) -> dict[str, Any]:
-    """One row per status file (any ``*.json`` under ``folder``), plus counts per running version."""
+    """One row per status file (``*.json`` in ``folder``, or ``device-status.json`` in subfolders,
+    as an rsync of whole device roots leaves them), plus counts per running version."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder of device status files",
                           hint="collect each device's ROOT/device-status.json into one folder first")
     now = datetime.now(timezone.utc)
     rows, unreadable = [], []
-    for p in sorted(folder.rglob("*.json")):
+    for p in sorted(set(folder.glob("*.json")) | set(folder.rglob("device-status.json"))):
         try:
             data = json.loads(p.read_text())
         except (OSError, ValueError, UnicodeDecodeError):

@@ -17,8 +17,11 @@ def test_fleet_report(signed_v1, signed_v2, built, tmp_path):
         root = tmp_path / device
         for b in bundles:
             cli("install", b, "--root", root, "--runs", "2", "--device-id", device)
-        shutil.copy2(root / "device-status.json", gathered / f"{device}.json")
+        dst = gathered / f"{device}.json" if device != "cam-03" else gathered / device / "device-status.json"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy2(root / "device-status.json", dst)  # flat, or a device's folder as rsync leaves it
     (gathered / "notes.json").write_text(json.dumps({"something": "else"}))
+    (gathered / "cam-03" / "other.json").write_text("{}")  # not read: only device-status.json in subfolders
     res = cli("fleet", "report", gathered, "--format", "json")
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
@@ -26,6 +29,7 @@ def test_fleet_report(signed_v1, signed_v2, built, tmp_path):
     assert {k: (v["version"], v["validation"], v["previous"]) for k, v in rows.items()} == {
         "cam-01": ("1.2.3", "pass", None), "cam-02": ("1.3.0", "pass", "1.2.3"), "cam-03": ("1.2.3", "pass", None)}
     assert rows["cam-03"]["last_attempt"] == "failed" and "missing.edgepack" in rows["cam-03"]["last_error"]
+    assert rows["cam-03"]["last_attempt_version"].endswith("missing.edgepack")
     assert r["versions"] == {"digits 1.2.3 (onnx)": 2, "digits 1.3.0 (onnx)": 1}
     assert r["failed_last_attempt"] == 1 and r["unreadable"] == [str(gathered / "notes.json")]
     res = cli("fleet", "report", gathered)
