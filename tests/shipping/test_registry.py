@@ -211,6 +211,8 @@ def test_chunked_upload_for_big_bundles(registry, signed_v1, tmp_path, monkeypat
 def test_transient_answers_are_retried(fast_retries):
     from types import SimpleNamespace
 
+    pytest.importorskip("oras", reason="needs `oras`: pip install 'edgepack[ship]'")
+
     from edgepack.errors import RegistryUnreachableError
     from edgepack.shipping.registry import with_retries
 
