@@ -17,6 +17,7 @@ Steps, in order, each one a test crash point (``EDGEPACK_TEST_CRASH_AT=<step>`` 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import SIGNATURE, _safe_extract, open_bundle
-from edgepack.errors import BundleError, ConfigError, EdgepackError, InstallError
+from edgepack.errors import BundleError, ConfigError, DiskFullError, EdgepackError, InstallError
 from edgepack.shipping.device import check_target
 
 STEPS = ("locked", "fetched", "extracted", "verified", "validated", "placed", "previous-linked",
@@ -170,6 +171,11 @@ def _extract(bundle: Path, dest: Path) -> None:
             _safe_extract(tar, dest, str(bundle))
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"{bundle}: not a readable bundle archive (truncated or corrupt?): {e}") from e
+    except OSError as e:  # a failed write: the staging folder is removed by the caller
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFullError(f"no space left in {dest.parent.parent} while extracting {bundle.name}; "
+                                "the active version is unchanged") from e
+        raise InstallError(f"cannot extract {bundle.name} into {dest.parent.parent}: {e.strerror or e}") from e
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:

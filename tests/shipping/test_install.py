@@ -270,3 +270,22 @@ def test_exit_codes_are_unique_per_error_class():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.EdgepackError)]
     codes = [c.exit_code for c in classes]
     assert len(codes) == len(set(codes)), sorted(zip(codes, [c.__name__ for c in classes]))
+
+
+def test_disk_full_while_extracting_keeps_the_old_version(root_v1, signed_v2, tmp_path, monkeypatch):
+    import errno
+
+    from edgepack.shipping import install as inst
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = tmp_path / "root"
+    shutil.copytree(root_v1, root, symlinks=True)
+    monkeypatch.setattr(inst, "_safe_extract", full)
+    res = install(signed_v2, root)
+    assert res.exit_code == 15, res.output
+    assert "no space left" in error_lines(res)[0]
+    s = status(root)
+    assert s["active"]["version"] == "1.2.3" and s["last_attempt"]["exit_code"] == 15
+    assert not list((root / "versions").glob(".staging-*"))
