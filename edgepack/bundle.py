@@ -21,6 +21,9 @@ from edgepack.errors import BundleError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# A detached signature over manifest.json's exact bytes (edgepack/shipping/signing.py). The manifest
+# cannot list its own signature, so this one root file is the only one allowed outside the listing.
+SIGNATURE = "signature.json"
 SUFFIX = ".edgepack"
 
 
@@ -124,8 +127,13 @@ def file_entries(root: Path) -> list[FileEntry]:
             for p in files]
 
 
+def _covered(root: Path, p: Path) -> bool:
+    """Files the manifest lists and the build id covers: all but manifest.json and the root signature."""
+    return p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() != SIGNATURE
+
+
 def content_digest(root: Path) -> str:
-    files = [p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST]
+    files = [p for p in root.rglob("*") if _covered(root, p)]
     return "sha256:" + digest_paths(files, root)
 
 
@@ -229,7 +237,7 @@ def verify_files(root: Path, manifest: Manifest, where: str) -> None:
         if sha256_file(p) != f.sha256:
             raise BundleError(f"{where}: file '{f.path}' does not match its sha256 in the manifest (modified after the build)")
     extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() not in listed)
+                   if _covered(root, p) and p.relative_to(root).as_posix() not in listed)
     if extra:
         raise BundleError(f"{where}: files not listed in the manifest: {', '.join(extra[:5])}")
     if content_digest(root) != manifest.build_id:

@@ -86,6 +86,68 @@ class ModelError(EdgepackError):
     default_hint = "check `model` and `inputs` in edgepack.yaml"
 
 
+class SignatureError(BundleError):
+    """The bundle's signature is missing, made with another key, or no longer matches manifest.json.
+
+    One class with its own exit code; the message says which of the three it is (``reason``)."""
+
+    exit_code = 10
+    default_hint = "fetch the bundle again from its publisher, or check that --pubkey is the key it was signed with"
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "invalid"):
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+class RegistryError(EdgepackError):
+    """An OCI registry refused a request (authentication, permissions, an unexpected answer)."""
+
+    exit_code = 11
+    default_hint = "check the reference and your login for this registry (~/.docker/config.json)"
+
+
+class RegistryUnreachableError(RegistryError):
+    """No connection to the registry after the retries."""
+
+    exit_code = 12
+    default_hint = "check the address and port, that the registry is running, and the network between"
+
+
+class NotInRegistryError(RegistryError):
+    """The repository, tag or digest does not exist in the registry."""
+
+    exit_code = 13
+    default_hint = "check the tag; `edgepack push` prints the tags and digest it wrote"
+
+
+class DigestMismatchError(BundleError):
+    """Bytes fetched from a registry do not match the digest that names them."""
+
+    exit_code = 14
+    default_hint = "the download was corrupted or the registry served other content; pull again, pin by digest"
+
+
+class DiskFullError(EdgepackError):
+    """No space left while writing; nothing partial is kept."""
+
+    exit_code = 15
+    default_hint = "free space in the folder named above (old versions: `edgepack status`), then retry"
+
+
+class WrongTargetError(ConfigError):
+    """The bundle was built for hardware this machine is not (a Jetson bundle on an x86 box)."""
+
+    exit_code = 16
+    default_hint = "pull the bundle built for this device's target; --force installs it anyway"
+
+
+class InstallError(EdgepackError):
+    """The install root cannot be used: locked by another install, unreadable, nothing to roll back."""
+
+    exit_code = 17
+    default_hint = "`edgepack status --root DIR` shows the active and previous versions"
+
+
 class InterruptedBuildError(EdgepackError):
     exit_code = 130
     default_hint = "nothing was written; run the command again"

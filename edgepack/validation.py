@@ -74,8 +74,10 @@ def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
             "note": "labelled holdout shipped in the bundle (a subset of the build's evaluation set)"}
 
 
-def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None) -> dict:
-    """Validate a bundle on this machine. Writes the report and raises ValidationError on failure."""
+def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None,
+             pubkey: Path | None = None) -> dict:
+    """Validate a bundle on this machine. Writes the report and raises ValidationError on failure.
+    With ``pubkey``, an unsigned, wrongly signed or modified bundle is refused before anything runs."""
     from edgepack.backends import get_backend
     from edgepack.bundle import open_bundle
     from edgepack.measure.host import host_info
@@ -84,6 +86,11 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
     bundle = Path(bundle)
     with open_bundle(bundle, verify=True) as opened:
         m = opened.manifest
+        signature = None
+        if pubkey is not None:
+            from edgepack.shipping.signing import verify_signature
+
+            signature = verify_signature(opened.root, pubkey, str(bundle))
         backend = get_backend(m.runtime.backend)
         versions = backend.check_environment(compile=False)
         meas = m.profile.get("measurement", {})
@@ -101,6 +108,7 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         "validated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "where": host_info(), "runtime": versions,
         "integrity": {"passed": True, "files_checked": len(m.files)},
+        "signature": signature,
         "golden": golden,
         "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None} if holdout else None,
         "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},

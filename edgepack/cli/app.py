@@ -6,6 +6,7 @@ import typer
 
 from edgepack import __version__
 from edgepack.cli import build, doctor, engine, init, inspect, targets, validate
+from edgepack.cli import device, fleet, registry, sign
 from edgepack.cli.main import EdgepackGroup
 
 app = typer.Typer(
@@ -40,3 +41,12 @@ app.command("init")(init.init)
 app.command("build-engine")(engine.build_engine)
 app.command("doctor")(doctor.doctor)
 app.add_typer(targets.app, name="targets", help="List and show target profiles.")
+app.command("keygen")(sign.keygen)
+app.command("sign")(sign.sign)
+app.command("verify")(sign.verify)
+app.command("push")(registry.push)
+app.command("pull")(registry.pull)
+app.command("install")(device.install)
+app.command("rollback")(device.rollback)
+app.command("status")(device.status)
+app.add_typer(fleet.app, name="fleet", help="The fleet view: which device runs which version.")

@@ -44,6 +44,7 @@ def build(
     project: Path = typer.Option(None, "--project", "-p", help="Project folder or edgepack.yaml (default: .)."),
     threads: int = typer.Option(None, "--threads", min=1, help="Inference threads for measurements (default: the profile's)."),
     targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles; repeatable."),
+    sign: Path = typer.Option(None, "--sign", help="Ed25519 private key (edgepack keygen): sign bundles that pass their gates."),
     format: Format = typer.Option(Format.human, "--format", help="human or json (bundle paths and headline figures)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     tune: bool = typer.Option(True, "--tune/--no-tune",
@@ -54,6 +55,11 @@ def build(
     from edgepack.api import build as run_build
     from edgepack.api import raise_for_acceptance
 
+    key = None
+    if sign is not None:  # load the key before a long build, so a bad path fails fast
+        from edgepack.shipping.signing import load_private_key, sign_bundle
+
+        key = load_private_key(sign)
     progress = _Progress(quiet)
     try:
         results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
@@ -61,6 +67,12 @@ def build(
     finally:
         if progress.status:
             progress.status.stop()
+    for r in results if key is not None else []:  # a bundle that failed a gate is kept, never vouched for
+        if r.manifest.acceptance.passed:
+            signed = sign_bundle(r.bundle, key)
+            err.print(f"signed {escape(str(r.bundle))} with key {signed['key_id'][:23]}...")
+        else:
+            err.print(f"[yellow]not signed[/] {escape(str(r.bundle))}: it failed its acceptance gates")
     if format == Format.json:
         print_json([headline(r.manifest, r.bundle) for r in results])
     else:

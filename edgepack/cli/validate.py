@@ -16,17 +16,21 @@ def validate(
     threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
     runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for latency (default: the profile's)."),
     format: Format = typer.Option(Format.human, "--format"),
+    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY",
+                                help="Trusted public key: refuse unsigned, wrongly signed or modified bundles."),
 ) -> None:
     """Check integrity, reproduce the recorded outputs, measure holdout accuracy and latency here."""
     from edgepack.validation import validate as run_validate
 
-    result = run_validate(bundle, threads, report, runs)
+    result = run_validate(bundle, threads, report, runs, pubkey)
     if format == Format.json:
         print_json(result)
         return
     g, lat, h = result["golden"], result["latency"], result["holdout"]
     out.print(f"[green]PASS[/] {escape(result['name'])} {result['version']} ({result['target']}) on {escape(str(result['where']['cpu']))}")
     out.print(f"  integrity      {result['integrity']['files_checked']} files match their sha256")
+    if result.get("signature"):
+        out.print(f"  signature      valid, key {result['signature']['key_id'][:23]}...")
     out.print(f"  golden outputs {g['samples']} samples, {g['within_tolerance']:.1%} within tolerance, "
               f"top-1 agreement {g['top1_agreement']:.1%}, max abs diff {g['max_abs_diff']:.4g}")
     if h:

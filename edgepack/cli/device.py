@@ -1,0 +1,101 @@
+"""`edgepack install`, `edgepack rollback`, `edgepack status`: the device side of shipping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from edgepack.cli.common import Format, fmt, out, print_json
+
+ROOT_HELP = "Install root on this device (also $EDGEPACK_ROOT), e.g. /var/lib/edgepack/<model>."
+PUBKEY_HELP = "Trusted public key (also $EDGEPACK_PUBKEY); default: ROOT/trusted.pub when present."
+
+
+def install(
+    source: str = typer.Argument(..., help="A .edgepack file, or REGISTRY/REPO:TAG / REGISTRY/REPO@sha256:..."),
+    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
+    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
+    force: bool = typer.Option(False, "--force", help="Install even if the bundle's target does not match this machine."),
+    runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for the validation latency (default: the profile's)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
+    device_id: str = typer.Option(None, "--device-id", envvar="EDGEPACK_DEVICE_ID",
+                                  help="Name in status files (default: the host name)."),
+    keep: int = typer.Option(2, "--keep", min=2, help="Version folders to keep (current and previous at least)."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP to the registry (default only on loopback)."),
+    format: Format = typer.Option(Format.human, "--format"),
+) -> None:
+    """Verify, check the target, validate on this device, then switch `current` atomically.
+    A failure leaves the active version untouched."""
+    from edgepack.shipping.install import install as run_install
+
+    result = run_install(source, root, pubkey, force, runs, threads, device_id, True if plain_http else None, keep)
+    if format == Format.json:
+        print_json(result)
+        return
+    for n in result["target_notes"]:
+        out.print(f"[yellow]note:[/] {escape(n)}")
+    out.print(f"[green]installed[/] {escape(result['installed'])}")
+    _print_status(result)
+
+
+def rollback(
+    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
+    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
+    device_id: str = typer.Option(None, "--device-id", envvar="EDGEPACK_DEVICE_ID"),
+    format: Format = typer.Option(Format.human, "--format"),
+) -> None:
+    """Make the previous version active again (and the current one the previous)."""
+    from edgepack.shipping.install import rollback as run_rollback
+
+    result = run_rollback(root, pubkey, device_id)
+    if format == Format.json:
+        print_json(result)
+        return
+    out.print("[green]rolled back[/]")
+    _print_status(result)
+
+
+def status(
+    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
+    verify: bool = typer.Option(False, "--verify", help="Also re-check the active bundle's files against their sha256."),
+    format: Format = typer.Option(Format.human, "--format"),
+) -> None:
+    """The active and previous versions here, their validation results and the last attempt."""
+    from edgepack.shipping.install import status as run_status
+
+    result = run_status(root, verify)
+    if format == Format.json:
+        print_json(result)
+        return
+    _print_status(result)
+
+
+def _version_line(label: str, v: dict[str, Any] | None) -> str:
+    if not v:
+        return f"{label:<9}-"
+    val = v["validation"]
+    verdict = "[green]pass[/]" if val.get("passed") else "[red]FAIL[/]" if val.get("passed") is False else "-"
+    signed = "signed" if v.get("signature_verified") else "unsigned" if not v.get("signed_by") else "signature not checked"
+    return (f"{label:<9}{escape(str(v['name']))} {v['version']} ({v['target']}) {v['build_id'][:19]}  validation {verdict}, "
+            f"holdout top1 {fmt(val.get('holdout_top1'), 2)}, p50 {fmt(val.get('p50_ms'))} ms  {escape('[' + signed + ']')}")
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    out.print(f"device   {escape(str(s['device_id']))}  root {escape(s['root'])}")
+    out.print(_version_line("active", s["active"]))
+    if (s["active"] or {}).get("integrity") == "ok":
+        out.print("         every file of the active bundle matches its sha256")
+    out.print(_version_line("previous", s["previous"]))
+    last = s.get("last_attempt")
+    if last:
+        line = f"last     {last['action']} {escape(str(last.get('version') or last['source']))}: {last['result']} at {last['at']}"
+        if last.get("error"):
+            line += f" ({escape(last['error'])})"
+        out.print(line)
+    if s.get("interrupted"):
+        out.print("[yellow]an install was interrupted; the next install or rollback cleans up after it[/]")
+    if s.get("problem"):
+        out.print(f"[red]problem:[/] {escape(s['problem'])}")
