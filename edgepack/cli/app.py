@@ -39,3 +39,6 @@ app.command("inspect")(inspect.inspect)
 app.command("init")(init.init)
 app.command("build-engine")(engine.build_engine)
 app.add_typer(targets.app, name="targets", help="List and show target profiles.")
+from edgepack.cli import compare as compare_cli  # noqa: E402
+
+app.command("compare")(compare_cli.compare)
