@@ -157,7 +157,21 @@ def reusable(manifest: Manifest, source: Source, profile: TargetProfile, fingerp
         return "the calibration data changed"
     if manifest.measurements.data.get("evaluation", {}).get("fingerprint") != fingerprints.get("evaluation"):
         return "the evaluation data changed"
+    where, here = manifest.measurements.compiled.latency.get("where", {}), host_info()
+    if any(where.get(k) != here[k] for k in ("cpu", "isa", "logical_cpus")):
+        return f"it was measured on another machine ({where.get('cpu')}, {where.get('logical_cpus')} CPUs)"
     return None
+
+
+def _intact(bundle: Path) -> bool:
+    """Every file matches the manifest's sha256 and the build id (the content digest)."""
+    from edgepack.bundle import open_bundle
+
+    try:
+        with open_bundle(bundle, verify=True):
+            return True
+    except EdgepackError:
+        return False
 
 
 def _fingerprints(project: Project, profile: TargetProfile, cache: dict[int, dict[str, str]]) -> dict[str, str]:
@@ -232,9 +246,14 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
             continue
         plan.bundle = out / bundle_name(project.name, project.version, plan.profile.name)
         manifest = read_manifest(plan.bundle) if plan.bundle.is_file() else None
-        if manifest is not None and reusable(manifest, source, plan.profile, _fingerprints(project, plan.profile, fps)) is None:
+        if manifest is None:
+            continue
+        why = reusable(manifest, source, plan.profile, _fingerprints(project, plan.profile, fps))
+        if why is None and _intact(plan.bundle):
             plan.manifest, plan.reused = manifest, True
             progress(plan.profile.name, "done", f"reused {plan.bundle.name} ({manifest.build_id[:19]})")
+        else:
+            progress(plan.profile.name, "info", f"rebuilding {plan.bundle.name}: {why or 'its files do not match the manifest'}")
     to_build = [p for p in plans if p.buildable and not p.reused]
     if to_build:
         n = workers or default_workers(len(to_build))

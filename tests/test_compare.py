@@ -136,6 +136,10 @@ def test_reusable_names_what_changed(built):
     changed = prof.model_copy(update={"measurement": prof.measurement.model_copy(update={"runs": 7})})
     assert "profile" in reusable(m, m.source, changed, fps)
     assert "calibration data" in reusable(m, m.source, prof, fps | {"calibration": "sha256:other"})
+    lat = m.measurements.compiled.latency
+    moved = m.model_copy(deep=True)
+    moved.measurements.compiled.latency = lat | {"where": lat["where"] | {"cpu": "Some Other CPU"}}
+    assert "another machine" in reusable(moved, m.source, prof, fps)
 
 
 def test_second_run_reuses_everything(compared, trained_project):

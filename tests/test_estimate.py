@@ -11,7 +11,7 @@ from edgepack.target import load_target
 
 
 def test_counts_macs_bytes_and_fusion(tmp_path):
-    spec = RefModel("t", (3, 8, 8), ((4, 1, False), (4, 1, True), (8, 2, False)), classes=5)
+    spec = RefModel("t", (3, 8, 8), (("conv", 4, 1), ("res", 4), ("conv", 8, 2)), classes=5)
     art = make_reference_model(spec, tmp_path / "m.onnx")
     c = count_graph(art.path)
     convs = [layer for layer in c.layers if layer.op == "Conv"]
@@ -30,6 +30,22 @@ def test_counts_macs_bytes_and_fusion(tmp_path):
     assert count_graph(art.path, batch=4).macs == 4 * c.macs
 
 
+def test_reference_models_are_valid_and_run(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    for i, spec in enumerate(SUITES["standard"]):
+        art = make_reference_model(spec, tmp_path / spec.name / "model.onnx", seed=i)
+        onnx.checker.check_model(onnx.load(str(art.path)), full_check=True)
+        sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+        (out,) = sess.run(None, {"input": np.zeros((1, *spec.input_chw), np.float32)})
+        assert out.shape == (1, spec.classes)
+        assert count_graph(art.path).macs > 0
+    bottleneck = count_graph(make_reference_model(SUITES["standard"][4], tmp_path / "b.onnx").path)
+    assert [layer.op for layer in bottleneck.layers].count("Conv") == 8
+
+
 def test_roofline_takes_the_slower_bound_per_layer(tmp_path):
     art = make_reference_model(SUITES["quick"][1], tmp_path / "m.onnx")
     c = count_graph(art.path)
@@ -46,12 +62,15 @@ def test_roofline_takes_the_slower_bound_per_layer(tmp_path):
 def test_fit_recovers_overhead_and_efficiency():
     points = [(f"m{i}", r, 0.05 + r / 0.25) for i, r in enumerate([0.001, 0.01, 0.1, 1.0])]
     cal = fit(points, "rt", "host")
-    assert cal.overhead_ms == pytest.approx(0.05, rel=1e-6)
-    assert cal.efficiency == pytest.approx(0.25, rel=1e-6)
-    assert all(abs(p["error_pct"]) < 1e-3 for p in cal.points)
+    assert cal.overhead_ms == pytest.approx(0.05, rel=0.02)
+    assert cal.efficiency == pytest.approx(0.25, rel=0.02)
+    assert all(abs(p["error_pct"]) < 2 for p in cal.points)
     # a single point: efficiency only
     one = fit([("m", 0.5, 2.0)], "rt", "host")
     assert (one.overhead_ms, one.efficiency) == (0.0, 0.25)
+    # an outlier 3x slow pulls a log fit less than a fit on relative error would
+    noisy = fit(points + [("slow", 0.5, 3 * (0.05 + 0.5 / 0.25))], "rt", "host")
+    assert 0.1 < noisy.efficiency < 0.25
     # times that fall with size cannot give a negative overhead
     odd = fit([("a", 0.001, 1.0), ("b", 1.0, 0.9)], "rt", "host")
     assert odd.overhead_ms >= 0 and 0 < odd.efficiency <= 1

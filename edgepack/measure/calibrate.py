@@ -24,7 +24,8 @@ from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
 from edgepack.measure.estimate import Calibration, Peaks, count_graph, fit, roofline_ms
 from edgepack.measure.host import host_info
 
-SUITE_VERSION = 1
+SUITE_VERSION = 3  # bump when the suite, the timing or the fit changes: invalidates cached calibrations
+ROUNDS = 3
 
 # (ISA flag, int8 ops/cycle/core, fp32 FLOP/cycle/core, how): the first flag the host has wins
 ISA_RATES: list[tuple[str, int, int, str]] = [
@@ -39,27 +40,36 @@ ISA_RATES: list[tuple[str, int, int, str]] = [
 
 @dataclass(frozen=True)
 class RefModel:
-    """A generated CNN: 3x3 convs (``(channels, stride, residual)``), then global pool and a classifier."""
+    """A generated CNN. ``blocks``: ``("conv", channels, stride)`` a 3x3 conv; ``("res", channels)`` a 3x3
+    conv with a residual add; ``("bottleneck", channels, mid)`` 1x1 -> 3x3 -> 1x1 with a residual add
+    (ResNet's block). Each conv is followed by ReLU. Then a global average pool and the classifier, or,
+    with ``head`` set, a flatten, a hidden fully connected layer of that width and the classifier."""
 
     name: str
     input_chw: tuple[int, int, int]
-    convs: tuple[tuple[int, int, bool], ...]
+    blocks: tuple[tuple[Any, ...], ...]
     classes: int = 10
+    head: int | None = None
 
 
+_TINY = RefModel("ref-tiny", (1, 16, 16), (("conv", 8, 1),))
+_SMALL = RefModel("ref-small", (3, 32, 32), (("conv", 16, 1), ("conv", 32, 2), ("res", 32), ("conv", 64, 2)))
 SUITES: dict[str, tuple[RefModel, ...]] = {
     "standard": (
-        RefModel("ref-tiny", (1, 16, 16), ((8, 1, False),)),
-        RefModel("ref-small", (3, 32, 32), ((16, 1, False), (32, 2, False), (32, 1, True), (64, 2, False))),
-        RefModel("ref-medium", (3, 64, 64), ((32, 2, False), (64, 1, False), (64, 1, True), (128, 2, False),
-                                             (128, 1, True), (256, 2, False)), 100),
-        RefModel("ref-large", (3, 112, 112), ((64, 2, False), (64, 1, True), (128, 2, False), (128, 1, True),
-                                              (256, 2, False), (256, 1, True), (512, 2, False)), 1000),
+        _TINY,
+        _SMALL,
+        RefModel("ref-fc-head", (3, 32, 32), (("conv", 32, 2), ("conv", 64, 2)), head=512),
+        RefModel("ref-medium", (3, 64, 64), (("conv", 32, 2), ("conv", 64, 1), ("res", 64), ("conv", 128, 2),
+                                             ("res", 128), ("conv", 256, 2)), 100),
+        RefModel("ref-bottleneck", (64, 28, 28), (("conv", 256, 1), ("bottleneck", 256, 64), ("conv", 512, 2),
+                                                  ("bottleneck", 512, 128)), 1000),
+        RefModel("ref-large", (3, 112, 112), (("conv", 64, 2), ("res", 64), ("conv", 128, 2), ("res", 128),
+                                              ("conv", 256, 2), ("res", 256), ("conv", 512, 2)), 1000),
     ),
     "quick": (
-        RefModel("ref-tiny", (1, 16, 16), ((8, 1, False),)),
-        RefModel("ref-small", (3, 32, 32), ((16, 1, False), (32, 2, False), (32, 1, True), (64, 2, False))),
-        RefModel("ref-medium", (3, 64, 64), ((32, 2, False), (64, 1, False), (64, 1, True), (128, 2, False)), 100),
+        _TINY,
+        _SMALL,
+        RefModel("ref-medium", (3, 64, 64), (("conv", 32, 2), ("conv", 64, 1), ("res", 64), ("conv", 128, 2)), 100),
     ),
 }
 
@@ -87,7 +97,7 @@ def _cpuinfo() -> dict[str, Any]:
             "cores": cores, "siblings": siblings}
 
 
-def copy_bandwidth_gbs(mib: int = 64, repeats: int = 5) -> float:
+def copy_bandwidth_gbs(mib: int = 64, repeats: int = 10) -> float:
     """Best-of-``repeats`` numpy copy of ``mib`` MiB, counting bytes read plus written (STREAM 'copy')."""
     a = np.ones(mib * 1024 * 1024 // 8)
     b = np.empty_like(a)
@@ -122,7 +132,7 @@ def host_peaks(precision: str, threads: int) -> tuple[Peaks, dict[str, Any]]:
                              "source": f"derived: {cores} cores x {ghz:.2f} GHz x {rate[2]} FLOP/cycle; fp16 runs "
                                        "at the fp32 rate on CPUs without native fp16 arithmetic"},
         "memory_bandwidth_gbs": {"value": round(bw, 2),
-                                 "source": "measured: numpy copy of 64 MiB, best of 5, bytes read + written"},
+                                 "source": "measured: numpy copy of 64 MiB, best of 10, bytes read + written"},
     }
     notes = (f"host peaks derived from {info['cpu']} ({rate[0]}), bandwidth measured",)
     return Peaks(ops, bw * 1e9, precision, notes), how
@@ -143,19 +153,45 @@ def make_reference_model(spec: RefModel, path: Path, seed: int = 0) -> ModelArti
         inits.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name))
         return name
 
-    for i, (out_ch, stride, residual) in enumerate(spec.convs):
-        wname, bname = weight(f"w{i}", (out_ch, ch, 3, 3)), weight(f"b{i}", (out_ch,))
-        nodes.append(helper.make_node("Conv", [x, wname, bname], [f"conv{i}"], pads=[1, 1, 1, 1],
-                                      strides=[stride, stride], kernel_shape=[3, 3]))
-        y = f"conv{i}"
-        if residual and stride == 1 and out_ch == ch:
-            nodes.append(helper.make_node("Add", [y, x], [f"add{i}"]))
-            y = f"add{i}"
-        nodes.append(helper.make_node("Relu", [y], [f"relu{i}"]))
-        x, ch = f"relu{i}", out_ch
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
-    nodes.append(helper.make_node("Gemm", ["flat", weight("fc_w", (spec.classes, ch)), weight("fc_b", (spec.classes,))],
+    def conv(src: str, cin: int, cout: int, k: int, stride: int) -> str:
+        i = len(nodes)
+        wname, bname = weight(f"w{i}", (cout, cin, k, k)), weight(f"b{i}", (cout,))
+        nodes.append(helper.make_node("Conv", [src, wname, bname], [f"conv{i}"], pads=[k // 2] * 4,
+                                      strides=[stride, stride], kernel_shape=[k, k]))
+        return f"conv{i}"
+
+    def op(kind: str, *srcs: str) -> str:
+        out = f"{kind.lower()}{len(nodes)}"
+        nodes.append(helper.make_node(kind, list(srcs), [out]))
+        return out
+
+    for block in spec.blocks:
+        kind, cout = block[0], block[1]
+        if kind == "conv":
+            x = op("Relu", conv(x, ch, cout, 3, block[2]))
+        elif kind == "res":
+            x = op("Relu", op("Add", conv(x, ch, cout, 3, 1), x))
+        elif kind == "bottleneck":
+            mid = block[2]
+            y = op("Relu", conv(x, ch, mid, 1, 1))
+            y = op("Relu", conv(y, mid, mid, 3, 1))
+            x = op("Relu", op("Add", conv(y, mid, cout, 1, 1), x))
+        else:
+            raise ValueError(f"unknown block kind {kind!r}")
+        ch = cout
+    if spec.head is None:
+        flat, width = op("Flatten", op("GlobalAveragePool", x)), ch
+    else:
+        size = [c, h, w]                    # static sizes give the flattened width
+        for block in spec.blocks:
+            stride = block[2] if block[0] == "conv" else 1
+            size = [block[1], (size[1] + stride - 1) // stride, (size[2] + stride - 1) // stride]
+        flat = op("Flatten", x)
+        hidden = f"fc{len(nodes)}"
+        nodes.append(helper.make_node("Gemm", [flat, weight("fc_h_w", (spec.head, int(np.prod(size)))),
+                                               weight("fc_h_b", (spec.head,))], [hidden], transB=1))
+        flat, width = op("Relu", hidden), spec.head
+    nodes.append(helper.make_node("Gemm", [flat, weight("fc_w", (spec.classes, width)), weight("fc_b", (spec.classes,))],
                                   ["logits"], transB=1))
     graph = helper.make_graph(nodes, spec.name,
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c, h, w])],
@@ -187,12 +223,41 @@ def cache_key(profile: Any, threads: int, suite: str, toolchain: dict[str, str])
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_suite(profile: Any, backend: Any, options: Any, workdir: Path, threads: int, suite: str, peaks: Peaks,
+               progress: Callable[[str], None] | None = None) -> list[tuple[str, Any, dict[str, Any], float]]:
+    """Generate and compile the suite's models: ``(name, runner, sample, roofline_ms)`` each."""
+    loaded = []
+    for i, spec in enumerate(SUITES[suite]):
+        if progress:
+            progress(f"{backend.name} {profile.precision}: compile {spec.name}")
+        folder = workdir / f"{profile.name}-{spec.name}"
+        art = make_reference_model(spec, folder / "fp32" / "model.onnx", seed=i)
+        compiled = backend.compile(art, profile, options, _samples(spec, 8, i), folder / "compile")
+        runner, _ = backend.host_runner(compiled.path, threads)
+        roof = roofline_ms(count_graph(art.path), peaks)["roofline_ms"]
+        loaded.append((spec.name, runner, _samples(spec, 1, 1000 + i).samples[0], roof))
+    return loaded
+
+
+def time_rounds(runners: list[tuple[str, Any, dict[str, Any]]], threads: int, rounds: int = ROUNDS,
+                progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """p50 of each runner per round; rounds interleave the models, so a burst of load on a shared
+    machine hits every model alike."""
+    from edgepack.measure.latency import measure_latency
+
+    p50s: dict[str, list[float]] = {name: [] for name, *_ in runners}
+    for rnd in range(rounds):
+        if progress:
+            progress(f"timing round {rnd + 1}/{rounds}")
+        for name, runner, sample in runners:
+            p50s[name].append(measure_latency(runner, sample, 5, 30, 3.0, threads)["p50_ms"])
+    return p50s
+
+
 def calibrate_host(profile: Any, backend: Any, options: Any, workdir: Path, threads: int, suite: str = "standard",
                    cache_dir: Path | None = None, toolchain: dict[str, str] | None = None,
                    progress: Callable[[str], None] | None = None) -> tuple[Calibration, dict[str, Any]]:
     """Compile and time the reference suite with ``backend`` on this host; fit overhead and efficiency."""
-    from edgepack.measure.latency import measure_latency
-
     if suite not in SUITES:
         from edgepack.errors import ConfigError, did_you_mean
 
@@ -206,19 +271,11 @@ def calibrate_host(profile: Any, backend: Any, options: Any, workdir: Path, thre
                           data["where"], tuple(data["points"]))
         return cal, data["host_peaks"] | {"cached": str(cached)}
     peaks, how = host_peaks(profile.precision, threads)
-    points = []
-    for i, spec in enumerate(SUITES[suite]):
-        if progress:
-            progress(f"{runtime}: {spec.name}")
-        folder = workdir / f"{profile.name}-{spec.name}"
-        art = make_reference_model(spec, folder / "fp32" / "model.onnx", seed=i)
-        compiled = backend.compile(art, profile, options, _samples(spec, 8, i), folder / "compile")
-        runner, proxy = backend.host_runner(compiled.path, threads)
-        sample = _samples(spec, 1, 1000 + i).samples[0]
-        lat = measure_latency(runner, sample, 5, 40, 5.0, threads)
-        del runner
-        roof = roofline_ms(count_graph(art.path), peaks)["roofline_ms"]
-        points.append((spec.name, roof, lat["p50_ms"]))
+    loaded = load_suite(profile, backend, options, workdir, threads, suite, peaks, progress)
+    p50s = time_rounds([(name, runner, sample) for name, runner, sample, _ in loaded], threads, ROUNDS,
+                       (lambda d: progress(f"{runtime}: {d}")) if progress else None)
+    points = [(name, roof, float(np.median(p50s[name]))) for name, _, _, roof in loaded]
+    del loaded
     cal = fit(points, runtime, f"{host_info()['cpu']} (host)")
     if cached:
         cached.parent.mkdir(parents=True, exist_ok=True)

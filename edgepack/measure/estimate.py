@@ -275,28 +275,40 @@ class Calibration:
 UNCALIBRATED = Calibration(1.0, 0.0, "none", (), "uncalibrated: pure roofline, a lower bound")
 
 
+def _log_error(r: np.ndarray, t: np.ndarray, overheads: np.ndarray, effs: np.ndarray) -> np.ndarray:
+    """Sum over points of log(predicted / measured)^2, for every (overhead, efficiency) pair."""
+    pred = overheads[:, None, None] + r[None, None, :] / effs[None, :, None]
+    return (np.log(pred / t[None, None, :]) ** 2).sum(axis=2)
+
+
 def fit(points: list[tuple[str, float, float]], runtime: str, where: str) -> Calibration:
-    """Fit overhead and efficiency to ``(model, roofline_ms, measured_ms)`` points by least squares on
-    relative error (so small and large models weigh alike); both kept non-negative."""
+    """Fit overhead (ms, >= 0) and efficiency (0..1] to ``(model, roofline_ms, measured_ms)`` points.
+
+    Least squares on log(predicted / measured): over- and under-estimates by the same factor weigh
+    alike, and a 1 ms and a 100 ms model count the same. A coarse grid, then a fine one around the best.
+    """
     if not points:
         raise ValueError("no calibration points")
-    r = np.array([p[1] for p in points], dtype=np.float64)
+    r = np.array([max(p[1], 1e-9) for p in points], dtype=np.float64)
     t = np.array([p[2] for p in points], dtype=np.float64)
-    w = 1.0 / t
     if len(points) == 1:
-        overhead, inv_eff = 0.0, t[0] / r[0]
+        overhead, eff = 0.0, min(1.0, float(r[0] / t[0]))
     else:
-        a = np.stack([w, r * w], axis=1)              # (overhead * w + inv_eff * r * w) ~ 1
-        (overhead, inv_eff), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
-        if overhead < 0:                               # no fixed cost: efficiency alone
-            overhead, inv_eff = 0.0, float((r * w).sum() / ((r * w) ** 2).sum())
-        elif inv_eff < 1.0:                            # cannot beat the roofline: pin efficiency to 1
-            inv_eff = 1.0
-            overhead = max(0.0, float((w * (1 - r * w)).sum() / (w * w).sum()))
-    cal = Calibration(min(1.0 / float(inv_eff), 1.0), float(overhead), runtime, tuple(p[0] for p in points), where)
+        effs = np.geomspace(1e-4, 1.0, 241)
+        overheads = np.concatenate([[0.0], np.geomspace(1e-4 * t.min(), t.min(), 160)])
+        err = _log_error(r, t, overheads, effs)
+        i, j = np.unravel_index(np.argmin(err), err.shape)
+        overhead, eff = float(overheads[i]), float(effs[j])
+        effs = np.clip(eff * np.geomspace(0.95, 1.05, 101), 1e-4, 1.0)
+        lo, hi = overheads[max(i - 1, 0)], overheads[min(i + 1, len(overheads) - 1)]
+        overheads = np.unique(np.concatenate([[0.0] if i == 0 else [], np.linspace(lo, hi, 101)]))
+        err = _log_error(r, t, overheads, effs)
+        i, j = np.unravel_index(np.argmin(err), err.shape)
+        overhead, eff = float(overheads[i]), float(effs[j])
+    cal = Calibration(eff, overhead, runtime, tuple(p[0] for p in points), where)
     pts = tuple({"model": name, "roofline_ms": round(rf, 5), "measured_ms": round(ms, 4),
                  "fitted_ms": round(cal.latency_ms(rf), 4),
-                 "error_pct": round(100.0 * (cal.latency_ms(rf) - ms) / ms, 1)} for name, rf, ms in points)
+                 "error_pct": error_pct(cal.latency_ms(rf), ms)} for name, rf, ms in points)
     return Calibration(cal.efficiency, cal.overhead_ms, runtime, cal.fitted_on, where, pts)
 
 
@@ -313,4 +325,4 @@ def estimate(counts: GraphCounts, peaks: Peaks, calibration: Calibration) -> dic
 
 
 def error_pct(estimated: float, measured: float) -> float:
-    return round(100.0 * (estimated - measured) / measured, 1)
+    return float(round(100.0 * (estimated - measured) / measured, 1))
