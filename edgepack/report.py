@@ -135,8 +135,16 @@ def scatter_png(c: Comparison) -> bytes:
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="tab:blue", label="latency estimated")
     if unknown:
         ax.scatter([], [], marker="x", color="tab:gray", label="accuracy not measured (bottom row)")
-    ax.set_xscale("log")
-    ax.set_xlabel("p50 latency, ms (log scale)")
+    lats = [r.p50_ms.value for r in c.rows if r.p50_ms.value]
+    if lats and max(lats) / min(lats) > 10:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("p50 latency, ms (log scale)")
+    else:
+        ax.set_xlabel("p50 latency, ms")
     metric = next((r.metric for r in c.rows if r.metric), None) or "accuracy"
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{c.project}: latency vs accuracy")

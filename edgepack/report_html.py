@@ -15,7 +15,8 @@ th,td{border:1px solid #d7dbe6;padding:4px 7px;text-align:left;vertical-align:to
 td.why{min-width:200px;max-width:340px}td.dev{max-width:150px}
 td.num{text-align:right;white-space:nowrap}.src{white-space:normal}.src{display:block;font-size:10.5px;color:#6b7385}
 .est{color:#8a5a00}.meas{color:#17663a}.failed{color:#a01d1d}.meets{background:#e6f6ea}.fails{background:#fbeaea}
-.plots{display:flex;flex-wrap:wrap;gap:16px}.plots img{max-width:100%;border:1px solid #dde}
+.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.plots img{width:calc(50% - 10px);
+min-width:420px;border:1px solid #dde}
 details{margin:6px 0;font-size:13px}summary{cursor:pointer;font-weight:600}pre{background:#f6f7fb;padding:8px;
 overflow-x:auto;font-size:11.5px}.legend span{margin-right:14px}
 """
