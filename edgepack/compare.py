@@ -219,7 +219,12 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
             targets_dirs: list[Path] | None = None, budget: Budget | None = None, suite: str = "standard",
             workers: int | None = None, progress: CompareProgress | None = None,
             on_build_event: Callable[[Any], None] | None = None) -> Comparison:
-    """Build or reuse one bundle per target, estimate what cannot be measured here, return the rows."""
+    """Build or reuse one bundle per target, estimate what cannot be measured here, return the rows.
+
+    Builds run in spawned worker processes (``workers``, default min(targets, cpu_count // 2 or 1)):
+    a script that calls this needs the usual ``if __name__ == "__main__":`` guard. ``progress`` gets
+    ``(phase or target, status, detail)``; ``on_build_event`` gets the workers' pipeline stages.
+    """
     from edgepack.parallel import default_workers, run_builds
     from edgepack.pipeline import _check_out_dir, _source_of
 

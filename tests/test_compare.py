@@ -220,3 +220,18 @@ def test_build_for_a_tflite_profile_names_the_missing_backend(trained_project, t
     res = runner.invoke(app, ["targets", "list", "--format", "json"])
     names = {t["name"] for t in json.loads(res.stdout)}
     assert {"rpi5", "android-flagship", "android-midrange", "x86-avx512-vnni"} <= names
+
+
+def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_project, tmp_path):
+    from edgepack.parallel import default_workers, groups_of, run_builds
+
+    assert groups_of(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
+    assert groups_of(["a"], 4) == [["a"]]
+    assert 1 <= default_workers(5) <= 5 and default_workers(1) == 1
+    events: list = []
+    outcomes = run_builds(trained_project / "edgepack.yaml", ["rpi5", "android-midrange"], tmp_path, [], 2,
+                          events.append)
+    assert sorted(o.target for o in outcomes) == ["android-midrange", "rpi5"]
+    assert all(o.bundle is None and "needs backend 'tflite'" in o.error and o.error_type == "ConfigError"
+               for o in outcomes)
+

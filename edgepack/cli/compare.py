@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import err, out, print_json
+from edgepack.compare import Comparison
 from edgepack.errors import ConfigError
 
 
@@ -131,7 +132,7 @@ def compare(
         out.print(f"{key}: {escape(str(path))}")
 
 
-def _human(c) -> None:
+def _human(c: Comparison) -> None:
     from edgepack.report import accuracy_text, budget_text, error_text, fmt_cell
     from edgepack.report_html import tag
 
