@@ -23,11 +23,24 @@ def fmt_cell(cell: Cell, nd: int = 3, unit: str = "") -> str:
     return f"{cell.value:.{nd}f}{unit}"
 
 
+def tag(source: str) -> str:
+    """The short provenance shown in a table cell; the full one is in the JSON, the tooltip and the details."""
+    if source.startswith("measured on the host, not"):
+        return "host, not device"
+    if source.startswith("measured"):
+        return "measured (host)"
+    if source.startswith("host proxy"):
+        return "host proxy"
+    return source
+
+
 def short_source(cell: Cell) -> str:
+    """An even shorter tag, for text tables."""
     if cell.value is None:
         return ""
-    s = cell.source
-    return "est." if s == "estimate" else ("meas." if s.startswith("measured") else s)
+    t = tag(cell.source)
+    return {"measured (host)": "meas.", "estimate": "est.", "host proxy": "proxy",
+            "host, not device": "host≠device"}.get(t, t)
 
 
 def accuracy_text(row: Row) -> str:
@@ -64,10 +77,10 @@ def to_markdown(c: Comparison) -> str:
                  f"{accuracy_text(r)} {short_source(r.accuracy) if r.accuracy.value is not None else ''}".strip(),
                  f"{fmt_cell(r.p50_ms)} {short_source(r.p50_ms)}", f"{fmt_cell(r.p90_ms)}",
                  f"{fmt_cell(r.throughput_per_s, 1)}", f"{fmt_cell(r.size_mb)} {short_source(r.size_mb)}",
-                 f"{fmt_cell(r.peak_memory_mb, 2)} {short_source(r.peak_memory_mb)}", est, r.status]
+                 f"{fmt_cell(r.peak_memory_mb, 2)} {short_source(r.peak_memory_mb)}", est]
         if c.budget:
-            cells.append(budget_text(r))
-        cells.append(r.reason or "")
+            cells.append(budget_text(r) + (" (cheapest)" if r.target == c.cheapest else ""))
+        cells += [r.status, r.reason or ""]
         lines.append("| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
     if c.budget:
         lines += ["", f"Budget: {budget_line(c)}"]

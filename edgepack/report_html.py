@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from edgepack.compare import Cell, Comparison, Row
-from edgepack.report import budget_line, accuracy_text, budget_text, error_text, esc, fmt_cell
+from edgepack.report import accuracy_text, budget_line, budget_text, error_text, esc, fmt_cell, tag
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:20px;color:#1d2330}
@@ -20,17 +20,6 @@ min-width:420px;border:1px solid #dde}
 details{margin:6px 0;font-size:13px}summary{cursor:pointer;font-weight:600}pre{background:#f6f7fb;padding:8px;
 overflow-x:auto;font-size:11.5px}.legend span{margin-right:14px}
 """
-
-
-def tag(source: str) -> str:
-    """The short provenance shown in a table cell; the full one is in the cell's tooltip and the details."""
-    if source.startswith("measured on the host, not"):
-        return "host, not device"
-    if source.startswith("measured"):
-        return "measured (host)"
-    if source.startswith("host proxy"):
-        return "host proxy"
-    return source
 
 
 def _cell(cell: Cell, nd: int = 3, unit: str = "") -> str:

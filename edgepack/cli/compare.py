@@ -133,12 +133,7 @@ def compare(
 
 
 def _human(c: Comparison) -> None:
-    from edgepack.report import accuracy_text, budget_text, error_text, fmt_cell
-    from edgepack.report_html import tag
-
-    def short(source: str) -> str:
-        return {"measured (host)": "meas.", "estimate": "est.", "host proxy": "proxy",
-                "host, not device": "host≠device"}.get(tag(source), tag(source))
+    from edgepack.report import accuracy_text, budget_text, error_text, fmt_cell, short_source
 
     t = Table(title=f"edgepack compare: {c.project} {c.version}", show_lines=True)
     cols = ["target", "device", "runtime", "accuracy (Δ)", "p50 ms", "p90 ms", "per s", "size MB", "peak MB",
@@ -149,10 +144,10 @@ def _human(c: Comparison) -> None:
         t.add_column(col, overflow="fold")
 
     def cell(x, nd=3) -> str:
-        return f"{fmt_cell(x, nd)} [dim]{escape(short(x.source))}[/]" if x.value is not None else "n/a"
+        return f"{fmt_cell(x, nd)} [dim]{escape(short_source(x))}[/]" if x.value is not None else "n/a"
 
     for r in c.rows:
-        acc = f"{accuracy_text(r)} [dim]{escape(short(r.accuracy.source))}[/]" if r.accuracy.value is not None else "n/a"
+        acc = f"{accuracy_text(r)} [dim]{escape(short_source(r.accuracy))}[/]" if r.accuracy.value is not None else "n/a"
         est = (f"{r.estimate['p50_ms']:.3f}" + (f" ({error_text(r)})" if r.estimate_error_pct is not None else ""))\
             if r.estimate else "n/a"
         values = [r.target, escape(r.device), f"{r.backend} {r.precision}", acc, cell(r.p50_ms), cell(r.p90_ms),
