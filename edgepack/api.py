@@ -1,4 +1,4 @@
-"""The façade: build(), validate(), inspect(). No printing and no CLI code here."""
+"""The façade: build(), validate(), inspect(), compare(). No printing and no CLI code here."""
 
 from __future__ import annotations
 
@@ -18,3 +18,7 @@ def inspect(bundle: Path, verify: bool = True) -> dict[str, Any]:
 
 
 __all__ = ["BuildResult", "build", "inspect", "raise_for_acceptance", "validate"]
+
+from edgepack.compare import Budget, Comparison, compare  # noqa: E402  (added with `edgepack compare`)
+
+__all__ += ["Budget", "Comparison", "compare"]

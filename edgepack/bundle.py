@@ -42,6 +42,7 @@ class Source(Strict):
     path: str
     digest: str = Field(description="sha256 of the source model file(s)")
     weights_digest: str | None = None
+    project_digest: str | None = Field(default=None, description="sha256 of the project file (edgepack.yaml) content")
 
 
 class Runtime(Strict):

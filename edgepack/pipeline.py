@@ -28,7 +28,7 @@ from edgepack.errors import AcceptanceError, CalibrationError, ConfigError, Tool
 from edgepack.measure import accuracy as acc
 from edgepack.measure.latency import measure_latency
 from edgepack.measure.memory import measure_peak_memory
-from edgepack.project import Project, load_project
+from edgepack.project import Project, find_project, load_project
 from edgepack.target import TargetProfile, load_target
 from edgepack.manifest_writer import assemble
 from edgepack.tuning import Trial, rank_layers, search
@@ -97,13 +97,14 @@ def _check_out_dir(out: Path) -> Path:
     return out
 
 
-def _source_of(project: Project) -> Source:
+def _source_of(project: Project, project_file: Path | None = None) -> Source:
     src = project.model
     path = project.resolve(src.path.split(":")[0] if src.kind == "callable" else src.path)
     digest = "sha256:" + sha256_file(path) if path.is_file() else "missing"
     weights = project.resolve(src.weights) if src.weights else None
     wdig = "sha256:" + sha256_file(weights) if weights and weights.is_file() else None
-    return Source(kind=src.kind, path=src.path, digest=digest, weights_digest=wdig)
+    pdig = "sha256:" + sha256_file(project_file) if project_file and project_file.is_file() else None
+    return Source(kind=src.kind, path=src.path, digest=digest, weights_digest=wdig, project_digest=pdig)
 
 
 def _versions() -> dict[str, str]:
@@ -133,7 +134,7 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
     profiles = [load_target(t, targets_dirs) for t in targets]
     plans: list[tuple[TargetProfile, Backend, Any]] = []
     for prof in profiles:
-        backend = get_backend(prof.backend)
+        backend = get_backend(prof.backend, needed_by=f"target '{prof.name}' ({prof.source})")
         if prof.precision not in backend.precisions:
             raise ConfigError(f"{prof.source}: precision '{prof.precision}' is not supported by backend "
                               f"'{backend.name}' (it supports {', '.join(backend.precisions)})")
@@ -146,7 +147,7 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
                           f"but model.path is an ONNX file", hint="point model.path at file.py:factory, or remove prune")
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
-    shared = _Shared(project, _source_of(project), toolchain=_versions(),
+    shared = _Shared(project, _source_of(project, find_project(project_path)), toolchain=_versions(),
                      tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps})
     _prepare_data(shared, profiles[0], progress)
     scratch = Path(tempfile.mkdtemp(prefix=".edgepack-", suffix=".build", dir=out))

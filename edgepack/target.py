@@ -40,6 +40,13 @@ class Device(Frozen):
     peak_fp16_tflops: Figure | None = None
     peak_fp32_tflops: Figure | None = None
     memory_bandwidth_gbs: Figure | None = None
+    gpu_cores: int | None = Field(default=None, description="GPU shader (CUDA) cores, where the device has a GPU")
+    clock_ghz: Figure | None = Field(default=None, description="the CPU (or GPU) clock the peak figures assume")
+    tdp_w: Figure | None = Field(default=None, description="typical or maximum module/SoC power")
+    power_modes: list[str] = Field(default_factory=list, description="the vendor's power modes, e.g. '15W'")
+    price_usd: Figure | None = Field(default=None, description="indicative price, for `compare --max-*` budgets")
+    sources: dict[str, str] = Field(default_factory=dict,
+                                    description="where plain figures (cores, memory_gb, gpu_cores...) come from")
 
 
 class Quantization(Frozen):

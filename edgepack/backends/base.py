@@ -90,10 +90,16 @@ def registered_backends() -> dict[str, str]:
     return found
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, needed_by: str | None = None) -> Backend:
+    """The backend registered as ``name``; ``needed_by`` (e.g. "target 'rpi5' (rpi5.yaml)") names who asked."""
     known = registered_backends()
     if name not in known:
-        raise ConfigError(f"unknown backend '{name}'", hint=did_you_mean(name, known))
+        if needed_by is None:
+            raise ConfigError(f"unknown backend '{name}'", hint=did_you_mean(name, known))
+        raise ConfigError(f"{needed_by} needs backend '{name}', which is not available in this edgepack "
+                          "(no backend of that name is registered)",
+                          hint=f"installed backends: {', '.join(sorted(known))}; "
+                               "`edgepack compare` can still estimate this target")
     module, _, attr = known[name].partition(":")
     cls = getattr(importlib.import_module(module), attr)
     return cls()

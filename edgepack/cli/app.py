@@ -50,3 +50,6 @@ app.command("install")(device.install)
 app.command("rollback")(device.rollback)
 app.command("status")(device.status)
 app.add_typer(fleet.app, name="fleet", help="The fleet view: which device runs which version.")
+from edgepack.cli import compare as compare_cli  # noqa: E402
+
+app.command("compare")(compare_cli.compare)

@@ -1,0 +1,237 @@
+"""`compare` on the digits project: reuse by digest, parallel builds, estimate rows, budgets, the HTML
+report (with a headless Chromium screenshot where Chromium exists) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgepack.api import Budget, compare
+from edgepack.cli.app import app
+from edgepack.compare import Cell, Row, reusable
+from edgepack.compare_rows import apply_budget
+
+CHROMIUM = Path("/usr/bin/chromium")
+TARGETS = ["cpu", "onnx", "jetson-orin-nano", "rpi5", "android-midrange", "broken-jetson"]
+BROKEN = """\
+name: broken-jetson
+description: a Jetson profile whose build fails (DLA core 3 on a device without DLA)
+backend: tensorrt
+precision: int8
+device:
+  kind: gpu
+  name: Broken Jetson
+  dla_cores: 0
+  software: {tensorrt: "10.3.0"}
+  peak_int8_tops: {value: 20.0, source: "test figure"}
+  memory_bandwidth_gbs: {value: 68.0, source: "test figure"}
+backend_options: {dla_core: 3}
+"""
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def compared(built, trained_project, tmp_path_factory):
+    """cpu and onnx reused from the `built` fixture, jetson built, broken-jetson failing, rpi5 and the
+    phone estimated; one quick calibration per host runtime."""
+    dist, results = built
+    out = tmp_path_factory.mktemp("compare")
+    for r in results.values():
+        shutil.copy2(r.bundle, out / r.bundle.name)
+    profiles = tmp_path_factory.mktemp("profiles")
+    (profiles / "broken-jetson.yaml").write_text(BROKEN)
+    events: list = []
+    c = compare(trained_project, TARGETS, out, [profiles], Budget(max_latency_ms=1000.0, max_drop=1.0),
+                suite="quick", on_build_event=events.append)
+    return out, profiles, c, events
+
+
+def rows(c) -> dict[str, Row]:
+    return {r.target: r for r in c.rows}
+
+
+def test_host_rows_are_measured_and_reused_with_the_estimate_error(compared):
+    _, _, c, _ = compared
+    for name in ("cpu", "onnx"):
+        r = rows(c)[name]
+        assert r.reused and r.status == "measured" and r.reason is None
+        assert r.p50_ms.source.startswith("measured (host: ") and r.p50_ms.value > 0
+        assert r.accuracy.source.startswith("measured (host: ") and r.accuracy.value > 90
+        assert r.estimate["kind"] == "estimate" and r.estimate["p50_ms"] > 0
+        # calibrated on the reference models, never on this model
+        assert "digits" not in r.estimate["calibration"]["fitted_on"]
+        assert r.estimate["calibration"]["fitted_on"][0].startswith("ref-")
+        assert r.estimate_error_pct == pytest.approx(
+            100 * (r.estimate["p50_ms"] - r.p50_ms.value) / r.p50_ms.value, abs=0.1)
+    assert {cal["runtime"] for cal in c.calibrations} == {"openvino int8", "onnxruntime int8"}
+
+
+def test_device_rows_are_estimates_with_reasons(compared):
+    _, _, c, events = compared
+    jet = rows(c)["jetson-orin-nano"]
+    assert not jet.reused and jet.status == "estimated" and jet.bundle
+    assert jet.p50_ms.source == "estimate" and jet.accuracy.source.startswith("host proxy")
+    assert "transferred from openvino int8" in jet.p50_ms.note
+    assert jet.size_mb.source == "bundle" and jet.details["host_latency"]["note"]
+    for name in ("rpi5", "android-midrange"):
+        r = rows(c)[name]
+        assert r.status == "estimate only" and "tflite" in r.reason and "accuracy is not measured" in r.reason
+        assert r.accuracy.value is None and r.p50_ms.source == "estimate" and r.p50_ms.value > 0
+        assert r.size_mb.source == "estimate" and r.p90_ms.value is None and r.p90_ms.note
+    broken = rows(c)["broken-jetson"]
+    assert broken.status == "failed" and "build failed" in broken.reason and "DLA" in broken.reason
+    assert broken.p50_ms.source == "estimate"            # still estimated, never a crash
+    assert any(e[1].startswith("compile jetson-orin-nano") for e in events)   # progress from the worker
+    # every figure says where it came from, and nothing is a silent NaN
+    text = json.dumps(c.to_json(), allow_nan=False)
+    for r in c.to_json()["rows"]:
+        for key in ("accuracy", "p50_ms", "p90_ms", "throughput_per_s", "size_mb", "peak_memory_mb"):
+            cell = r[key]
+            assert cell["source"] and (cell["value"] is not None or cell["source"] == "n/a"), (r["target"], key)
+    assert "NaN" not in text
+
+
+def test_budget_marks_rows_and_names_the_cheapest(compared):
+    _, _, c, _ = compared
+    r = rows(c)
+    assert c.budget["max_drop"] == 1.0 and c.budget["cheapest_by"].startswith("device price_usd")
+    assert r["rpi5"].budget["meets"] is None          # accuracy unknown: neither meets nor fails
+    assert r["cpu"].budget["meets"] is True
+    assert c.cheapest in c.budget["meeting"]
+    priced = [x for x in c.rows if x.budget["meets"] and x.price_usd is not None]
+    assert c.cheapest == min(priced, key=lambda x: x.price_usd).target
+
+
+def test_apply_budget_unit():
+    def row(name, p50, delta, size, price):
+        return Row(name, "d", "b", "int8", "measured", None, p50_ms=Cell(p50, "estimate"),
+                   accuracy_delta=Cell(delta, "measured (host: x)") if delta is not None else Cell(None, "n/a"),
+                   size_mb=Cell(size, "bundle"), price_usd=price)
+
+    rs = [row("fast-costly", 2.0, -0.5, 1.0, 900.0), row("fast-cheap", 5.0, -0.2, 1.0, 100.0),
+          row("slow", 50.0, 0.0, 1.0, 50.0), row("lossy", 1.0, -3.0, 1.0, 10.0), row("unknown", 1.0, None, 1.0, 5.0)]
+    summary, cheapest = apply_budget(rs, Budget(max_latency_ms=20, max_drop=1))
+    assert [r.budget["meets"] for r in rs] == [True, True, False, False, None]
+    assert cheapest == "fast-cheap" and summary["unknown"] == ["unknown"]
+    assert apply_budget(rs, Budget()) == (None, None)
+
+
+def test_reusable_names_what_changed(built):
+    from edgepack.bundle import open_bundle
+    from edgepack.target import load_target
+
+    _, results = built
+    with open_bundle(results["onnx"].bundle) as b:
+        m = b.manifest
+    fps = {"calibration": m.calibration["fingerprint"], "evaluation": m.measurements.data["evaluation"]["fingerprint"]}
+    prof = load_target("onnx")
+    assert reusable(m, m.source, prof, fps) is None
+    assert "project file" in reusable(m, m.source.model_copy(update={"project_digest": "sha256:x"}), prof, fps)
+    assert "weights" in reusable(m, m.source.model_copy(update={"weights_digest": "sha256:x"}), prof, fps)
+    changed = prof.model_copy(update={"measurement": prof.measurement.model_copy(update={"runs": 7})})
+    assert "profile" in reusable(m, m.source, changed, fps)
+    assert "calibration data" in reusable(m, m.source, prof, fps | {"calibration": "sha256:other"})
+    lat = m.measurements.compiled.latency
+    moved = m.model_copy(deep=True)
+    moved.measurements.compiled.latency = lat | {"where": lat["where"] | {"cpu": "Some Other CPU"}}
+    assert "another machine" in reusable(moved, m.source, prof, fps)
+
+
+def test_second_run_reuses_everything(compared, trained_project):
+    out, profiles, c, _ = compared
+    before = {p.name: p.stat().st_mtime for p in out.glob("*.edgepack")}
+    again = compare(trained_project, ["cpu", "jetson-orin-nano", "rpi5"], out, [profiles], suite="quick")
+    assert all(r.reused for r in again.rows if r.bundle)
+    assert {p.name: p.stat().st_mtime for p in out.glob("*.edgepack")} == before
+
+
+def test_html_report_is_self_contained_and_renders(compared, tmp_path):
+    from edgepack.report import write_html
+
+    _, _, c, _ = compared
+    written = write_html(c, tmp_path / "report.html")
+    html = written["html"].read_text()
+    assert "data:image/png;base64," in html and "<script" not in html
+    assert "http://" not in html and "https://" not in html          # nothing fetched at view time
+    for name in TARGETS:
+        assert name in html
+    assert "Pareto front" in html and "estimate" in html and "measured (host" in html
+    for key in ("latency_accuracy", "size"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium) for the screenshot")
+    shot = tmp_path / "shot.png"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1280,2000",
+           written["html"].as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 50_000
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1280, 2000)
+    colors = img.resize((64, 100)).getcolors(maxcolors=64 * 100)
+    assert colors is not None and len(colors) > 50                     # not a blank page
+
+
+def test_cli_compare_json_markdown_and_html(compared, trained_project, tmp_path):
+    out, profiles, _, _ = compared
+    base = ["compare", "--project", str(trained_project), "--out", str(out), "--targets-dir", str(profiles),
+            "--calibration-suite", "quick", "-q"]
+    res = runner.invoke(app, base + ["-t", "cpu,rpi5", "--format", "json", "--html", str(tmp_path / "r.html"),
+                                     "--max-latency-ms", "1000"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [r["target"] for r in data["rows"]] == ["cpu", "rpi5"]
+    assert data["rows"][1]["p50_ms"]["source"] == "estimate" and (tmp_path / "r.html").is_file()
+    assert data["report"]["size"].endswith("r-size.png")
+    res = runner.invoke(app, base + ["-t", "cpu", "-t", "android-midrange", "--format", "markdown"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("# digits 1.2.3") and "| cpu |" in res.stdout and "est." in res.stdout
+    res = runner.invoke(app, base + ["-t", "cpu,rpi5"])
+    assert res.exit_code == 0 and "estimate vs measured on this host" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-t", "cpu,rpi6"], "unknown target 'rpi6'"),
+    (["-t", "cpu,,onnx"], "empty target name"),
+    (["-t", "cpu", "--max-drop", "-1"], "--max-drop -1.0: must not be negative"),
+    (["-t", "cpu", "--html", "report.txt"], "must end in .html"),
+    (["-t", "cpu", "--workers", "0"], "--workers 0"),
+    (["-t", "cpu", "--calibration-suite", "huge"], "unknown calibration suite"),
+])
+def test_cli_compare_errors(trained_project, tmp_path, args, message):
+    res = runner.invoke(app, ["compare", "--project", str(trained_project), "--out", str(tmp_path / "o"), "-q"] + args)
+    assert res.exit_code == 2, res.output
+    assert any(line.startswith("error:") and message in line for line in res.output.splitlines()), res.output
+    assert any(line.startswith("hint:") for line in res.output.splitlines())
+
+
+def test_build_for_a_tflite_profile_names_the_missing_backend(trained_project, tmp_path):
+    res = runner.invoke(app, ["build", "--project", str(trained_project), "-t", "rpi5", "--out", str(tmp_path), "-q"])
+    assert res.exit_code == 2
+    assert "target 'rpi5'" in res.output and "needs backend 'tflite'" in res.output
+    res = runner.invoke(app, ["targets", "list", "--format", "json"])
+    names = {t["name"] for t in json.loads(res.stdout)}
+    assert {"rpi5", "android-flagship", "android-midrange", "x86-avx512-vnni"} <= names
+
+
+def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_project, tmp_path):
+    from edgepack.parallel import default_workers, groups_of, run_builds
+
+    assert groups_of(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
+    assert groups_of(["a"], 4) == [["a"]]
+    assert 1 <= default_workers(5) <= 5 and default_workers(1) == 1
+    events: list = []
+    outcomes = run_builds(trained_project / "edgepack.yaml", ["rpi5", "android-midrange"], tmp_path, [], 2,
+                          events.append)
+    assert sorted(o.target for o in outcomes) == ["android-midrange", "rpi5"]
+    assert all(o.bundle is None and "needs backend 'tflite'" in o.error and o.error_type == "ConfigError"
+               for o in outcomes)
+
