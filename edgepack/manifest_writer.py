@@ -78,7 +78,7 @@ def device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
                 "note": f"measured on the build host with the target's runtime; run `edgepack validate` on the "
                         f"{profile.device.name} itself for its own figures"}
     return {"measured_on_device": False, "host_is_target_class": False,
-            "accuracy": f"host proxy: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
+            "accuracy": f"measured on the build host with a stand-in runtime: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
             "latency": "not measured on the device: the figures above are the host's. Run `edgepack validate` "
                        f"on the {profile.device.name} for device latency",
             }
