@@ -136,7 +136,8 @@ def scatter_png(c: Comparison) -> bytes:
                     ha="right" if offsets[i % len(offsets)][0] < 0 else "left")
     if len(front) > 0:
         pts = sorted((lat, acc) for name, lat, acc in known if name in front)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:orange", label="Pareto front")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:orange", marker="o", markersize=13,
+                markerfacecolor="none", markeredgecolor="tab:orange", label="Pareto front", zorder=1)
     for i, r in enumerate(sorted(unknown, key=lambda r: r.p50_ms.value)):
         ax.scatter([r.p50_ms.value], [low], s=60, marker="x", color="tab:gray")
         ax.annotate(r.target, (r.p50_ms.value, low), textcoords="offset points", xytext=(4, 6 if i % 2 else -12),

@@ -9,7 +9,7 @@ from edgepack.report import accuracy_text, budget_line, budget_text, error_text,
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:20px;color:#1d2330}
-h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #dde}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #dde}h3{font-size:14px;margin:14px 0 4px}
 .sub{color:#5a6275;font-size:13px}table{border-collapse:collapse;font-size:12px;margin-top:8px}
 th,td{border:1px solid #d7dbe6;padding:4px 7px;text-align:left;vertical-align:top}th{background:#eef1f7}
 td.why{min-width:200px;max-width:340px}td.dev{max-width:150px}
