@@ -53,6 +53,8 @@ class Runtime(Strict):
     model_file: str = Field(description="path of the main model file inside the bundle")
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    io: dict[str, Any] | None = Field(default=None, description="how the device feeds the model when it differs "
+                                      "from `inputs`/`outputs`: layout (e.g. NHWC), dtype and quantization of each tensor")
 
 
 class Measured(Strict):
@@ -116,6 +118,8 @@ class Manifest(Strict):
     tuning: dict[str, Any] | None = Field(default=None, description="the accuracy-budget search, when it ran")
     warnings: list[str] = Field(default_factory=list)
     prune: dict[str, Any] | None = Field(default=None, description="the prune stage: counts, accuracy, latency effect")
+    conversion: dict[str, Any] | None = Field(default=None, description="what the converter produced: quantization "
+                                              "level reached and why, and the float-op report")
 
 
 def bundle_name(name: str, version: str, target: str) -> str:

@@ -80,7 +80,7 @@ def device_status(profile: TargetProfile, got: Measured) -> dict[str, Any]:
     return {"measured_on_device": False, "host_is_target_class": False,
             "accuracy": f"measured on the build host with a stand-in runtime: {got.proxy}" if got.proxy else "measured on the host with the target's runtime",
             "latency": "not measured on the device: the figures above are the host's. Run `edgepack validate` "
-                       f"on the {profile.device.name} for device latency",
+                       f"on the {profile.device.name} for device latency, or `edgepack compare` for an estimate",
             }
 
 
@@ -125,7 +125,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         runtime=Runtime(backend=backend.name, runtime_package=backend.runtime_package, format=compiled.format.value,
                         precision=compiled.precision, model_file=compiled.path.relative_to(staging).as_posix(),
                         inputs=[s.to_json() for s in project.input_specs()],
-                        outputs=[o.to_json() for o in exported.outputs]),
+                        outputs=[o.to_json() for o in exported.outputs], io=compiled.details.get("io")),
         stages=stages, files=file_entries(staging),
         calibration=shared.calibration.describe() | {"seed": project.calibration.seed},
         measurements=Measurements(reference=ref, compiled=got, target_fp32=target_fp32,
@@ -137,4 +137,14 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
         preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings), prune=prune,
+        conversion=_conversion(compiled, tuning),
     )
+
+
+def _conversion(compiled: ModelArtifact, tuning: dict[str, Any] | None) -> dict[str, Any] | None:
+    conv = compiled.details.get("conversion")
+    if conv is None:
+        return None
+    if tuning and tuning.get("kind") == "fallback ladder":
+        return {**conv, "reached": tuning["reached"], "why": tuning["why"], "ladder": tuning["steps"]}
+    return {**conv, "reached": conv["level"], "why": "the level the profile asks for (no fallback ran)"}

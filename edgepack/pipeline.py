@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgepack import __version__
-from edgepack.artifact import ModelArtifact, StageRecord, sha256_file
+from edgepack.artifact import ModelArtifact, ModelFormat, StageRecord, sha256_file
 from edgepack.backends import get_backend
 from edgepack.backends.base import Backend
 from edgepack.bundle import Manifest, Measured, Source, bundle_name, write_bundle
@@ -67,6 +67,8 @@ class _Shared:
     tuning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     prune: dict[str, Any] | None = None
+    # live torch modules ("model", and "unpruned" when pruning) for backends that convert from PyTorch
+    modules: dict[str, Any] = field(default_factory=dict)
 
 
 class _Stage:
@@ -111,7 +113,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"edgepack": __version__, "numpy": np.__version__}
-    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "nncf"):
+    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "ai-edge-litert", "litert-torch", "ai-edge-quantizer"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -142,6 +144,12 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         backend.check_environment(compile=True)
         plans.append((prof, backend, options))
     out = _check_out_dir(Path(out) if out else project.root / "dist")
+    torch_fed = [prof.name for prof, backend, _ in plans if backend.consumes == ModelFormat.TORCH]
+    if torch_fed and project.model.kind == "onnx":
+        raise ConfigError(f"target '{torch_fed[0]}' converts from the PyTorch model, but model.path is an ONNX file "
+                          f"({project.model.path})",
+                          hint="point model.path at file.py:factory for this target; ONNX sources build for "
+                               "cpu, onnx and the jetson targets")
     if project.prune and project.model.kind == "onnx":
         raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model, "
                           f"but model.path is an ONNX file", hint="point model.path at file.py:factory, or remove prune")
@@ -250,8 +258,10 @@ def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Pr
         if len(names) != n_out:
             raise ConfigError(f"key 'outputs' names {len(names)} outputs, the model returns {n_out}")
         unpruned = module
+        shared.modules["unpruned"] = unpruned
         if project.prune:
             module = _prune(shared, module, specs, progress)
+        shared.modules["model"] = module
         with _Stage(progress, "export onnx") as st:
             art = export(module, specs, names, workdir / f"export-{key}", key, shared.source.digest)
             if project.prune and project.prune.method == "sparse-2of4":
@@ -262,6 +272,26 @@ def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Pr
                                                        shared.source.digest)
     shared.exports[key] = art
     return art
+
+
+def _compile_source(shared: _Shared, profile: TargetProfile, backend: Backend, options: Any, onnx_art: ModelArtifact,
+                    workdir: Path, progress: Progress, which: str = "model") -> ModelArtifact:
+    """What ``backend.compile`` reads: the exported ONNX, or for backends that convert from PyTorch a
+    ``torch.export`` program of the same (pruned) module at static shapes."""
+    if backend.consumes == ModelFormat.ONNX:
+        return onnx_art if which == "model" else shared.exports[("unpruned", profile.max_opset)]
+    from edgepack.stages.export_torch import export_program, static_specs
+
+    dims = dict(getattr(options, "static_dims", {}) or {})
+    specs = static_specs(shared.project.input_specs(), 1, dims, f"target '{profile.name}' ({backend.name})")
+    key = ("torch", which, tuple(s.shape for s in specs))
+    if key not in shared.exports:
+        with _Stage(progress, f"export torch program{' (unpruned)' if which != 'model' else ''}") as st:
+            names = [o.name for o in onnx_art.outputs]
+            shared.exports[key] = export_program(shared.modules[which], specs, names,
+                                                 workdir / f"torch-{which}-{len(shared.exports)}", shared.source.digest)
+            st.detail = ", ".join(f"{s.name} {s.shape_str}" for s in specs)
+    return shared.exports[key]
 
 
 def _prune(shared: _Shared, module: Any, specs: list, progress: Progress) -> Any:
@@ -370,21 +400,24 @@ def _reference(shared: _Shared, art: ModelArtifact, threads: int, profile: Targe
 def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, options: Any, out: Path,
                   scratch: Path, threads: int | None, progress: Progress) -> BuildResult:
     project = shared.project
-    threads = threads or profile.measurement.threads
+    # a phone profile's 4 threads on a 2-core build host would measure contention, not the model
+    threads = threads or min(profile.measurement.threads, os.cpu_count() or 1)
     final = out / bundle_name(project.name, project.version, profile.name)
     art = _export(shared, profile, scratch, progress)
     ref = _reference(shared, art, threads, profile, progress)
+    src = _compile_source(shared, profile, backend, options, art, scratch, progress)
     workdir = scratch / profile.name
     staging = workdir / "bundle"
     budget = accuracy_budget(project, profile, ref["measured"].accuracy["value"])
     trials: list[Trial] = []
 
-    def try_build(step: str, method: str, kept: list[str]) -> Trial:
+    def try_build(step: str, method: str, kept: list[str], level: str | None = None) -> Trial:
         variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(
             update={"calibration_method": method, "keep_float": kept})})
+        opts = options if level is None else options.model_copy(update={"level": level})
         t0 = time.perf_counter()
         try:
-            compiled = backend.compile(art, variant, options, shared.calibration, workdir / f"try-{len(trials)}")
+            compiled = backend.compile(src, variant, opts, shared.calibration, workdir / f"try-{len(trials)}")
         except ToolchainError as e:
             raise _keep_logs(e, workdir / f"try-{len(trials)}", out, final.name) from e
         runner, _ = backend.host_runner(compiled.path, threads)
@@ -397,11 +430,16 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
         return trial
 
     q = profile.quantization
+    ladder = backend.fallback_levels if (profile.precision == "int8" and shared.tuning["enabled"]
+                                         and getattr(options, "level", None) is None) else ()
     with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
-        plain = try_build(f"plain {profile.precision}", q.calibration_method, list(q.keep_float))
+        if ladder:
+            plain, tuning = _fall_back(ladder, try_build, ref["measured"].accuracy["value"], profile.name, progress)
+        else:
+            plain, tuning = try_build(f"plain {profile.precision}", q.calibration_method, list(q.keep_float)), None
         st.detail = f"{plain.compiled.size_bytes / 1e6:.2f} MB, {shared.metric} {plain.accuracy['value']:.2f}"
-    chosen, tuning = plain, None
-    if not plain.meets_budget and profile.precision == "int8" and shared.tuning["enabled"]:
+    chosen = plain
+    if not plain.meets_budget and profile.precision == "int8" and shared.tuning["enabled"] and not ladder:
         with _Stage(progress, f"tune {profile.name} for the accuracy budget") as st:
             result = search(plain, list(backend.calibration_methods), try_build,
                             lambda: rank_layers(art.path, shared.calibration, workdir / "sensitivity"),
@@ -418,8 +456,9 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
     if shared.prune is not None:
         with _Stage(progress, f"measure unpruned {profile.name}") as st:
-            prune_effect = _unpruned_latency(shared, backend, options, profile, workdir / "unpruned", threads,
-                                             measured.latency["p50_ms"])
+            unpruned_src = _compile_source(shared, profile, backend, options, art, scratch, progress, "unpruned")
+            prune_effect = _unpruned_latency(shared, backend, options, profile, unpruned_src, workdir / "unpruned",
+                                             threads, measured.latency["p50_ms"])
             st.detail = f"p50 {prune_effect['unpruned_p50_ms']:.3f} ms -> pruned {prune_effect['pruned_p50_ms']:.3f} ms"
         shared_prune = {**shared.prune, "latency_effect": prune_effect}
     else:
@@ -427,7 +466,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     target_fp32 = None
     if backend.name != "onnxruntime" and measured.proxy is None and profile.precision != "fp32":
         with _Stage(progress, f"measure fp32 on {backend.name}") as st:
-            target_fp32 = _target_fp32(backend, options, profile, art, workdir / "fp32", shared, threads)
+            target_fp32 = _target_fp32(backend, options, profile, src, workdir / "fp32", shared, threads)
             st.detail = f"p50 {target_fp32['latency']['p50_ms']:.3f} ms"
     with _Stage(progress, f"bundle {profile.name}") as st:
         manifest = assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs,
@@ -437,10 +476,9 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     return BuildResult(profile.name, final, manifest)
 
 
-def _unpruned_latency(shared: _Shared, backend: Backend, options: Any, profile: TargetProfile, workdir: Path,
-                      threads: int, pruned_p50: float) -> dict[str, Any]:
+def _unpruned_latency(shared: _Shared, backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact,
+                      workdir: Path, threads: int, pruned_p50: float) -> dict[str, Any]:
     """The unpruned model compiled for the same target (plain, no tuning) and timed the same way."""
-    art = shared.exports[("unpruned", profile.max_opset)]
     compiled = backend.compile(art, profile, options, shared.calibration, workdir)
     runner, proxy = backend.host_runner(compiled.path, threads)
     m = profile.measurement
@@ -453,11 +491,48 @@ def _unpruned_latency(shared: _Shared, backend: Backend, options: Any, profile: 
 def _target_fp32(backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact, workdir: Path,
                  shared: _Shared, threads: int) -> dict[str, Any]:
     """The FP32 model compiled and timed on the target's own runtime: the speed-up INT8 buys there."""
+    if getattr(options, "level", None) is not None:
+        options = options.model_copy(update={"level": None})
     fp32 = backend.compile(art, profile.model_copy(update={"precision": "fp32"}), options, shared.calibration, workdir)
     runner, _ = backend.host_runner(fp32.path, threads)
     m = profile.measurement
     latency = measure_latency(runner, shared.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
     return {"model": f"fp32 on {backend.name}", "latency": latency, "size_bytes": fp32.size_bytes}
+
+
+def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_value: float, target: str,
+               progress: Progress) -> tuple[Trial, dict[str, Any]]:
+    """Try each quantization level, most integer first, until one converts and meets the accuracy
+    budget; the record says which level was reached and why each earlier one was left."""
+    trials: list[Trial] = []
+    steps: list[dict[str, Any]] = []
+    for level in levels:
+        try:
+            trial = try_build(f"level {level}", "minmax", [], level)
+        except ToolchainError as e:
+            steps.append({"level": level, "outcome": "failed to convert", "reason": e.message})
+            progress(f"{target}: level {level} failed to convert; falling back", "warn", None, "")
+            continue
+        trials.append(trial)
+        drop = round(ref_value - trial.accuracy["value"], 3)
+        steps.append({"level": level, "outcome": "meets the accuracy budget" if trial.meets_budget
+                      else "misses the accuracy budget", "accuracy": trial.accuracy["value"], "drop_points": drop,
+                      "p50_ms_host": trial.p50_ms, "seconds": round(trial.seconds, 2)})
+        if trial.meets_budget:
+            break
+        progress(f"{target}: level {level} misses the accuracy budget (drop {drop:.2f} points); falling back",
+                 "warn", None, "")
+    if not trials:
+        raise ToolchainError(f"target '{target}': no quantization level converted: "
+                             + "; ".join(f"{s['level']}: {s['reason']}" for s in steps),
+                             hint="the converter output is in the build log; report the op it names upstream")
+    best = next((t for t in trials if t.meets_budget), None) or max(trials, key=lambda t: t.accuracy["value"])
+    reached = best.step.removeprefix("level ")
+    why = ("the first level that converted and met the accuracy budget" if best.meets_budget else
+           "no level met the accuracy budget: the most accurate one is kept and the gate reports the miss")
+    return best, {"kind": "fallback ladder", "budget_met": best.meets_budget, "levels": list(levels),
+                  "reached": reached, "why": why, "chosen": {"step": best.step, "level": reached},
+                  "steps": steps, "stopped": why}
 
 
 def accuracy_budget(project: Project, profile: TargetProfile, ref_value: float):

@@ -17,7 +17,7 @@ from edgepack.compare import Cell, Row, reusable
 from edgepack.compare_rows import apply_budget
 
 CHROMIUM = Path("/usr/bin/chromium")
-TARGETS = ["cpu", "onnx", "jetson-orin-nano", "rpi5", "android-midrange", "broken-jetson"]
+TARGETS = ["cpu", "onnx", "jetson-orin-nano", "rpi5", "android-arm64", "broken-jetson"]
 BROKEN = """\
 name: broken-jetson
 description: a Jetson profile whose build fails (DLA core 3 on a device without DLA)
@@ -78,7 +78,7 @@ def test_device_rows_are_estimates_with_reasons(compared):
     assert jet.p50_ms.source == "estimate" and jet.accuracy.source.startswith("host proxy")
     assert "transferred from openvino int8" in jet.p50_ms.note
     assert jet.size_mb.source == "bundle" and jet.details["host_latency"]["note"]
-    for name in ("rpi5", "android-midrange"):
+    for name in ("rpi5", "android-arm64"):
         r = rows(c)[name]
         assert r.status == "estimate only" and "tflite" in r.reason and "accuracy is not measured" in r.reason
         assert r.accuracy.value is None and r.p50_ms.source == "estimate" and r.p50_ms.value > 0
@@ -191,7 +191,7 @@ def test_cli_compare_json_markdown_and_html(compared, trained_project, tmp_path)
     assert [r["target"] for r in data["rows"]] == ["cpu", "rpi5"]
     assert data["rows"][1]["p50_ms"]["source"] == "estimate" and (tmp_path / "r.html").is_file()
     assert data["report"]["size"].endswith("r-size.png")
-    res = runner.invoke(app, base + ["-t", "cpu", "-t", "android-midrange", "--format", "markdown"])
+    res = runner.invoke(app, base + ["-t", "cpu", "-t", "android-arm64", "--format", "markdown"])
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("# digits 1.2.3") and "| cpu |" in res.stdout and "est." in res.stdout
     res = runner.invoke(app, base + ["-t", "cpu,rpi5"])
@@ -219,7 +219,7 @@ def test_build_for_a_tflite_profile_names_the_missing_backend(trained_project, t
     assert "target 'rpi5'" in res.output and "needs backend 'tflite'" in res.output
     res = runner.invoke(app, ["targets", "list", "--format", "json"])
     names = {t["name"] for t in json.loads(res.stdout)}
-    assert {"rpi5", "android-flagship", "android-midrange", "x86-avx512-vnni"} <= names
+    assert {"rpi5", "android-flagship", "android-arm64", "x86-avx512-vnni"} <= names
 
 
 def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_project, tmp_path):
@@ -229,9 +229,9 @@ def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_proje
     assert groups_of(["a"], 4) == [["a"]]
     assert 1 <= default_workers(5) <= 5 and default_workers(1) == 1
     events: list = []
-    outcomes = run_builds(trained_project / "edgepack.yaml", ["rpi5", "android-midrange"], tmp_path, [], 2,
+    outcomes = run_builds(trained_project / "edgepack.yaml", ["rpi5", "android-arm64"], tmp_path, [], 2,
                           events.append)
-    assert sorted(o.target for o in outcomes) == ["android-midrange", "rpi5"]
+    assert sorted(o.target for o in outcomes) == ["android-arm64", "rpi5"]
     assert all(o.bundle is None and "needs backend 'tflite'" in o.error and o.error_type == "ConfigError"
                for o in outcomes)
 

@@ -90,7 +90,7 @@ def test_device_peaks_follow_precision_and_say_when_they_fall_back():
 
 
 def test_every_estimate_profile_has_sourced_figures():
-    for name in ("cpu", "onnx", "x86-avx512-vnni", "rpi5", "android-flagship", "android-midrange",
+    for name in ("cpu", "onnx", "x86-avx512-vnni", "rpi5", "android-flagship", "android-arm64",
                  "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "jetson-xavier-nx"):
         dev = load_target(name).device
         for key in ("peak_int8_tops", "peak_fp16_tflops", "memory_bandwidth_gbs", "tdp_w", "price_usd"):

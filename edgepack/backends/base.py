@@ -22,6 +22,7 @@ BUILTIN = {
     "onnxruntime": "edgepack.backends.onnxruntime:ONNXRuntimeBackend",
     "openvino": "edgepack.backends.openvino:OpenVINOBackend",
     "tensorrt": "edgepack.backends.tensorrt:TensorRTBackend",
+    "tflite": "edgepack.backends.tflite:TFLiteBackend",
 }
 
 
@@ -36,11 +37,16 @@ class Runner(Protocol):
 class Backend(ABC):
     name: ClassVar[str]
     produces: ClassVar[ModelFormat]
+    # what compile() reads: the exported ONNX (most backends) or a torch.export program (model.pt2)
+    consumes: ClassVar[ModelFormat] = ModelFormat.ONNX
     extra: ClassVar[str]
     runtime_package: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
     # activation range methods `quantization.calibration_method` may name (tried by accuracy tuning)
     calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile")
+    # quantization levels, most integer first, that the build falls back along when one fails to
+    # convert or misses the accuracy budget (options.level selects one); empty: the tuning search instead
+    fallback_levels: ClassVar[tuple[str, ...]] = ()
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

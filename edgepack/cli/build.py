@@ -95,6 +95,12 @@ def build(
             if r.manifest.measurements.compiled.proxy:
                 out.print(f"  [dim]{escape(r.manifest.measurements.compiled.proxy)}: accuracy is the QDQ model's on "
                           "this host; device latency comes from `edgepack validate` on the device[/]")
+            conv = r.manifest.conversion
+            if conv is not None:
+                from edgepack.backends.tflite import describe_float_ops
+
+                out.print(f"  [dim]level {conv['reached']} ({escape(conv['why'])}); "
+                          f"{escape(describe_float_ops(conv['float_op_report']))}[/]")
     raise_for_acceptance(results)
 
 
@@ -119,7 +125,11 @@ def headline(manifest, bundle: Path) -> dict:
         "acceptance_passed": manifest.acceptance.passed, "acceptance_reasons": manifest.acceptance.reasons,
         "tuning": None if manifest.tuning is None else {
             "budget_met": manifest.tuning["budget_met"], "stopped": manifest.tuning["stopped"],
-            "calibration_method": manifest.tuning["chosen"]["calibration_method"],
-            "kept_in_higher_precision": [k["layer"] for k in manifest.tuning["kept_in_higher_precision"]]},
+            "calibration_method": manifest.tuning["chosen"].get("calibration_method"),
+            "level": manifest.tuning["chosen"].get("level"),
+            "kept_in_higher_precision": [k["layer"] for k in manifest.tuning.get("kept_in_higher_precision", [])]},
+        "conversion": None if manifest.conversion is None else {
+            "level": manifest.conversion["reached"], "why": manifest.conversion["why"],
+            "float_ops": manifest.conversion["float_op_report"]["float_ops"]},
         "warnings": manifest.warnings,
     }

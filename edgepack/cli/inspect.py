@@ -61,7 +61,9 @@ def inspect(
         for w in m["warnings"]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
     t = m.get("tuning")
-    if t:
+    if m.get("conversion"):
+        _conversion(m["conversion"], (m["runtime"].get("io") or {}))
+    if t and t.get("kind") != "fallback ladder":
         kept = ", ".join(f"{k['layer']} ({k['sensitivity']:.3g})" for k in t["kept_in_higher_precision"]) or "none"
         verdict = "[green]met[/]" if t["budget_met"] else "[red]not met[/]"
         out.print(f"accuracy budget {verdict}: {escape(t['stopped'])}; calibration "
@@ -88,3 +90,34 @@ def inspect(
     for f in m["files"]:
         ft.add_row(f["path"], str(f["bytes"]), f["sha256"][:16])
     out.print(ft)
+
+
+def _conversion(c: dict, io: dict) -> None:
+    """The converter's outcome: quantization level reached (and the ladder), float-op report, I/O."""
+    from edgepack.backends.tflite import describe_float_ops
+
+    out.print(f"quantization level [bold]{escape(c['reached'])}[/] ({escape(c['level_means'])}): {escape(c['why'])}")
+    if c.get("ladder") and len(c["ladder"]) > 1:
+        lt = Table(title="fallback ladder (accuracy on the target's runtime, host latency)")
+        for col in ("level", "outcome", "accuracy", "drop", "p50 ms"):
+            lt.add_column(col)
+        for s in c["ladder"]:
+            lt.add_row(s["level"], escape(s["outcome"] + (f": {s['reason']}" if s.get("reason") else "")),
+                       fmt(s.get("accuracy"), 2), fmt(s.get("drop_points"), 2), fmt(s.get("p50_ms_host")))
+        out.print(lt)
+    rep = c["float_op_report"]
+    out.print(f"float-op report: {escape(describe_float_ops(rep))}")
+    if rep["float_ops"]:
+        ft = Table(title="ops not in integer")
+        for col in ("op", "count", "share of MACs", "why"):
+            ft.add_column(col)
+        for f in rep["float_ops"]:
+            ft.add_row(f["op"], str(f["count"]), f"{f['macs_share']:.1%}", escape(f["why"]))
+        out.print(ft)
+    for kind in ("inputs", "outputs"):
+        for e in io.get(kind, []):
+            q = e.get("quantization")
+            qs = f", scale {q['scale']:.6g}, zero point {q['zero_point']}" if q else ""
+            out.print(f"{kind[:-1]} {escape(e['name'])}: {e['dtype']} {e['shape']}"
+                      f"{' ' + e['layout'] if e.get('layout') else ''}{qs}")
+

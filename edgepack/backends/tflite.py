@@ -1,0 +1,384 @@
+"""LiteRT (TFLite) for phones and small Arm boards.
+
+Conversion: the PyTorch program (``model.pt2``) -> float32 ``.tflite`` with ``litert-torch``, image
+inputs turned channel-last (NHWC) on the way; then ``ai-edge-quantizer`` with the project's own
+calibration samples for the INT8 levels. Runs on the LiteRT interpreter (``ai-edge-litert``, XNNPACK),
+or ``tflite-runtime`` where only that is installed.
+
+Quantization levels, from most to least integer (the build falls back along this ladder when a level
+fails to convert or misses the accuracy budget):
+
+- ``int8``: full integer, int8 weights (per-channel, symmetric) and int8 activations (static, calibrated)
+- ``int16x8``: int8 weights, int16 activations (static, calibrated)
+- ``dynamic-int8``: int8 weights, float activations quantized at run time by the kernels
+- ``fp16``: float16 weights, float32 compute
+
+Next to ``model.tflite`` the backend writes ``io.json``: for every input and output, the tensor name in
+the ``.tflite`` signature, the layout the model expects (NHWC after conversion), the dtype and the
+quantization (scale, zero point). The runner applies it, so callers feed the project's own layout in
+float and get float outputs back; device code reads the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from edgepack.artifact import ModelArtifact, ModelFormat
+from edgepack.backends.base import Backend
+from edgepack.errors import ConfigError, MissingDependencyError, ToolchainError
+
+IO_FILE = "io.json"
+SIGNATURE = "serving_default"
+LEVELS = {
+    "int8": "full integer: int8 weights (per-channel, symmetric) and int8 activations (static, calibrated)",
+    "int16x8": "int8 weights (per-channel) and int16 activations (static, calibrated)",
+    "dynamic-int8": "dynamic range: int8 weights, float activations quantized at run time",
+    "fp16": "float16 weights, float32 compute",
+    "fp32": "float32",
+}
+LEVEL_PRECISION = {"int8": "int8", "int16x8": "int16x8", "dynamic-int8": "dynamic-int8", "fp16": "fp16", "fp32": "fp32"}
+# ops that move data between float and integer at the model's edges
+EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV", "CONV_3D")
+_INT = {"int8", "uint8", "int16", "int32", "int64", "bool"}
+
+
+def _interpreter_module() -> Any:
+    """ai-edge-litert's interpreter, else tflite-runtime's (both have the same Interpreter API)."""
+    import importlib
+
+    for name in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MissingDependencyError("ai-edge-litert", "tflite", "the LiteRT interpreter",
+                                 hint="pip install ai-edge-litert (or tflite-runtime) on the device; "
+                                      "pip install 'edgepack[tflite]' to build")
+
+
+def _quantize(x: np.ndarray, q: dict[str, Any]) -> np.ndarray:
+    info = np.iinfo(q["dtype"])
+    return np.clip(np.round(x / q["scale"] + q["zero_point"]), info.min, info.max).astype(q["dtype"])
+
+
+class TFLiteRunner:
+    """Feeds the project's layout in float; quantizes, transposes and dequantizes as io.json says."""
+
+    def __init__(self, interp_mod: Any, path: Path, threads: int, delegates: bool = True):
+        io_file = path.parent / IO_FILE
+        if not io_file.is_file():
+            raise ConfigError(f"{path.name}: {IO_FILE} is missing beside it",
+                              hint="the tensor layout and quantization of the model come from that file")
+        self.io = json.loads(io_file.read_text())
+        kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": threads}
+        if not delegates:
+            kwargs["experimental_op_resolver_type"] = interp_mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        with _captured(Path(os.devnull)):  # the runtime announces its XNNPACK delegate on stderr
+            self.interpreter = interp_mod.Interpreter(**kwargs)
+        self.runner = self.interpreter.get_signature_runner(self.io.get("signature", SIGNATURE))
+        self.input_names = [i["name"] for i in self.io["inputs"]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = {}
+        for spec in self.io["inputs"]:
+            x = np.asarray(feeds[spec["name"]])
+            if spec.get("permute"):
+                x = np.transpose(x, spec["permute"])
+            q = spec.get("quantization")
+            args[spec["tflite_name"]] = _quantize(x, q) if q else np.ascontiguousarray(x, dtype=spec["dtype"])
+        got = self.runner(**args)
+        outs = []
+        for spec in self.io["outputs"]:
+            y = got[spec["tflite_name"]]
+            q = spec.get("quantization")
+            outs.append((y.astype(np.float32) - q["zero_point"]) * np.float32(q["scale"]) if q else y)
+        return outs
+
+
+class TFLiteBackend(Backend):
+    name: ClassVar[str] = "tflite"
+    produces: ClassVar[ModelFormat] = ModelFormat.TFLITE
+    consumes: ClassVar[ModelFormat] = ModelFormat.TORCH
+    extra: ClassVar[str] = "tflite"
+    runtime_package: ClassVar[str] = "ai-edge-litert"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    # ai-edge-quantizer's static recipes calibrate min/max ranges only
+    calibration_methods: ClassVar[tuple[str, ...]] = ("minmax",)
+    fallback_levels: ClassVar[tuple[str, ...]] = ("int8", "int16x8", "dynamic-int8", "fp16")
+
+    class Options(Backend.Options):
+        io_dtype: Literal["int8", "float32"] = "int8"
+        channel_last: bool = True
+        level: Literal["int8", "int16x8", "dynamic-int8", "fp16", "fp32"] | None = None
+        static_dims: dict[str, int] = {}
+
+    def check_environment(self, compile: bool = True) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        mod = _interpreter_module()
+        versions = {}
+        for pkg in ("ai-edge-litert", "tflite-runtime"):
+            with contextlib.suppress(PackageNotFoundError):
+                versions[pkg] = version(pkg)
+        if compile:
+            for module, pkg, purpose in (("litert_torch", "litert-torch", "PyTorch -> TFLite conversion"),
+                                         ("ai_edge_quantizer", "ai-edge-quantizer", "TFLite INT8 quantization")):
+                with _captured(Path(os.devnull)):  # torchao prints about CUDA kernels it cannot load
+                    self._import(module, purpose)
+                versions[pkg] = version(pkg)
+        versions.setdefault("interpreter", mod.__name__)
+        return versions
+
+    def load(self, path: Path, threads: int) -> TFLiteRunner:
+        return TFLiteRunner(_interpreter_module(), path, threads)
+
+    def level_for(self, target: Any, options: BaseModel) -> str:
+        return options.level or target.precision
+
+    def compile(self, model: ModelArtifact, target: Any, options: BaseModel, calibration: Any,
+                workdir: Path) -> ModelArtifact:
+        if model.format != ModelFormat.TORCH:
+            raise ConfigError(f"backend 'tflite' converts from the PyTorch model, got {model.format.value} "
+                              f"({model.path.name})",
+                              hint="point model.path at file.py:factory; ONNX sources are not converted to TFLite "
+                                   "by this edgepack")
+        started = time.perf_counter()
+        level = self.level_for(target, options)
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = workdir / "litert.log"
+        float_file = workdir / "float32.tflite"
+        layouts = self._convert(model, options, float_file, log)
+        out = workdir / "model" / "model.tflite"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if level == "fp32":
+            shutil.copyfile(float_file, out)
+        else:
+            self._quantize(float_file, out, level, options, calibration, layouts, model, log)
+        io = self._io(out, model, layouts)
+        (out.parent / IO_FILE).write_text(json.dumps(io, indent=2) + "\n")
+        report = float_op_report(out, level)
+        cfg = {"backend": self.name, "precision": LEVEL_PRECISION[level], "level": level,
+               "level_means": LEVELS[level], "converter": "litert-torch", "quantizer": "ai-edge-quantizer",
+               "io_dtype": options.io_dtype if level in ("int8", "int16x8") else "float32",
+               "calibration_samples": len(calibration) if level in ("int8", "int16x8") else 0}
+        return model.derive("compile", cfg, started, format=ModelFormat.TFLITE, path=out,
+                            files=(out, out.parent / IO_FILE), precision=LEVEL_PRECISION[level],
+                            details={"io": io, "conversion": {"level": level, "level_means": LEVELS[level],
+                                                              "float_op_report": report}})
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _convert(self, model: ModelArtifact, options: BaseModel, dst: Path, log: Path) -> list[list[int] | None]:
+        torch = self._import("torch", "loading the exported PyTorch program")
+        with _captured(log):
+            litert_torch = self._import("litert_torch", "PyTorch -> TFLite conversion")
+        program = torch.export.load(str(model.path))
+        module = program.module()
+        specs = list(model.inputs)
+        for s in specs:
+            if any(not isinstance(d, int) for d in s.shape):
+                raise ConfigError(f"input '{s.name}' has no static shape ({s.shape_str}); TFLite needs one",
+                                  hint="set every dim in the project's inputs, or static_dims in backend_options")
+        # rank-4 float inputs are PyTorch images (NCHW): the .tflite takes them channel-last (NHWC)
+        layouts = [[0, 2, 3, 1] if options.channel_last and len(s.shape) == 4 and s.dtype.startswith("float")
+                   else None for s in specs]
+        args = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in specs]
+        nhwc = [i for i, p in enumerate(layouts) if p]
+        if nhwc:
+            module = litert_torch.to_channel_last_io(module, args=nhwc)
+            args = [a.permute(*p).contiguous() if p else a for a, p in zip(args, layouts)]
+        try:
+            with _captured(log):
+                edge = litert_torch.convert(module, tuple(args))
+                edge.export(str(dst))
+        except Exception as e:
+            raise ToolchainError(f"litert-torch could not convert the model: {_conversion_problem(e)}",
+                                 hint="the full converter output is in the build log") from e
+        return layouts
+
+    def _quantize(self, src: Path, dst: Path, level: str, options: BaseModel, calibration: Any,
+                  layouts: list[list[int] | None], model: ModelArtifact, log: Path) -> None:
+        self._import("ai_edge_quantizer", "TFLite quantization")
+        from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+        op = qtyping.TFLOperationName
+        rm = recipe_manager.RecipeManager()
+        if level in ("int8", "int16x8"):
+            rm.add_static_config(".*", op.ALL_SUPPORTED, activation_num_bits=8 if level == "int8" else 16,
+                                 weight_num_bits=8)
+            if options.io_dtype == "float32":
+                for edge in (op.INPUT, op.OUTPUT):
+                    rm.add_quantization_config(".*", edge, algorithm_key=AlgorithmName.NO_QUANTIZE)
+        elif level == "dynamic-int8":
+            rm.add_dynamic_config(".*", op.ALL_SUPPORTED, num_bits=8)
+        elif level == "fp16":
+            rm.add_weight_only_config(".*", op.ALL_SUPPORTED, num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+        try:
+            with _captured(log):
+                q = quantizer.Quantizer(str(src), rm.get_quantization_recipe())
+                ranges = None
+                if q.need_calibration:
+                    names = _signature_inputs(src)
+                    feeds = [{names[i]: (np.transpose(s[spec.name], p) if p else s[spec.name])
+                              for i, (spec, p) in enumerate(zip(model.inputs, layouts))} for s in calibration]
+                    ranges = q.calibrate({SIGNATURE: feeds}, num_threads=max(1, os.cpu_count() or 1))
+                result = q.quantize(ranges, enable_progress_report=False)
+                result.export_model(str(dst), overwrite=True)
+        except Exception as e:
+            raise ToolchainError(f"ai-edge-quantizer could not quantize the model at level '{level}': "
+                                 f"{_conversion_problem(e)}", hint="the full output is in the build log") from e
+
+    def _io(self, path: Path, model: ModelArtifact, layouts: list[list[int] | None]) -> dict[str, Any]:
+        interp = _interpreter_module().Interpreter(model_path=str(path))
+        runner = interp.get_signature_runner(SIGNATURE)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+
+        def entry(name: str, tname: str, d: dict[str, Any], perm: list[int] | None) -> dict[str, Any]:
+            scale, zp = d["quantization"]
+            e: dict[str, Any] = {"name": name, "tflite_name": tname, "shape": [int(v) for v in d["shape"]],
+                                 "dtype": np.dtype(d["dtype"]).name,
+                                 "layout": ("NHWC" if perm else None) if len(d["shape"]) == 4 else None,
+                                 "permute": perm,
+                                 "quantization": {"scale": float(scale), "zero_point": int(zp),
+                                                  "dtype": np.dtype(d["dtype"]).name} if scale else None}
+            return e
+
+        in_names = sorted(ins, key=_arg_index)
+        out_names = sorted(outs, key=_arg_index)
+        return {"signature": SIGNATURE, "format": "tflite",
+                "inputs": [entry(s.name, t, ins[t], p) for s, t, p in zip(model.inputs, in_names, layouts)],
+                "outputs": [entry(s.name, t, outs[t], None) for s, t in zip(model.outputs, out_names)],
+                "how_to_feed": "transpose each input by `permute` (from the project's layout to `layout`); "
+                               "when `quantization` is set, q = clip(round(x / scale + zero_point)) in `dtype`; "
+                               "outputs with `quantization`: x = (q - zero_point) * scale"}
+
+
+def _arg_index(name: str) -> int:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else 0
+
+
+def _signature_inputs(path: Path) -> list[str]:
+    interp = _interpreter_module().Interpreter(model_path=str(path))
+    return sorted(interp.get_signature_runner(SIGNATURE).get_input_details(), key=_arg_index)
+
+
+def _conversion_problem(e: Exception) -> str:
+    """The converter's own words, reduced to the line that names the op or layer."""
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.search(r"aten\.|tfl\.|node|op |operator|layer", ln, re.I)]
+    return (named or lines or [type(e).__name__])[0][:400]
+
+
+@contextlib.contextmanager
+def _captured(log: Path):
+    """Send the converters' prints (Python and C++ level) to the build log instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log, "ab") as f:
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+# -- float-op report ---------------------------------------------------------------------------
+def _macs(op: str, ins: list[dict[str, Any]], outs: list[dict[str, Any]]) -> int:
+    if not outs or op not in WEIGHTED_OPS or len(ins) < 2:
+        return 0
+    out = int(np.prod(outs[0]["shape"]))
+    w = [int(v) for v in ins[1]["shape"]]
+    if op == "CONV_2D" and len(w) == 4:
+        return out * w[1] * w[2] * w[3]
+    if op == "DEPTHWISE_CONV_2D" and len(w) == 4:
+        return out * w[1] * w[2]
+    if op == "FULLY_CONNECTED" and len(w) == 2:
+        return out * w[1]
+    if op == "BATCH_MATMUL":
+        return out * int(ins[0]["shape"][-1])
+    if op == "TRANSPOSE_CONV" and len(w) == 4:
+        return int(np.prod(ins[2]["shape"])) * w[0] * w[1] * w[2] if len(ins) > 2 else 0
+    return 0
+
+
+def float_op_report(path: Path, level: str) -> dict[str, Any]:
+    """Every op of the ``.tflite`` whose computation is not integer: op type, count, share of MACs.
+
+    Read from the interpreter without delegates (XNNPACK would fold the graph into one DELEGATE op).
+    An op is integer when all of its non-constant tensors (activations) are integer; QUANTIZE and
+    DEQUANTIZE that only touch the model's inputs/outputs are edge conversions, listed apart.
+    """
+    mod = _interpreter_module()
+    interp = mod.Interpreter(model_path=str(path),
+                             experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    ops = interp._get_ops_details()  # the public API has no op listing
+    produced = {o for op in ops for o in op["outputs"]}
+    graph_io = {d["index"] for d in interp.get_input_details()} | {d["index"] for d in interp.get_output_details()}
+    counts, float_counts, edge_counts, float_macs = Counter(), Counter(), Counter(), Counter()
+    total_macs = 0
+    for op in ops:
+        name = op["op_name"]
+        ins = [tensors[i] for i in op["inputs"] if i >= 0]
+        outs = [tensors[i] for i in op["outputs"] if i >= 0]
+        acts = [t for t in ins if t["index"] in produced or t["index"] in graph_io] + outs
+        macs = _macs(name, ins, outs)
+        total_macs += macs
+        counts[name] += 1
+        if name in EDGE_OPS and any(t["index"] in graph_io for t in ins + outs):
+            edge_counts[name] += 1
+        elif any(np.dtype(t["dtype"]).name not in _INT for t in acts):
+            float_counts[name] += 1
+            float_macs[name] += macs
+    why = {"int8": "ai-edge-quantizer has no integer kernel policy for this op at this level; it runs in float",
+           "int16x8": "no int16-activation kernel for this op; it runs in float",
+           "dynamic-int8": "dynamic range: activations stay float, weights are int8 and quantized on the fly",
+           "fp16": "float16 weights, float32 compute", "fp32": "float32 model"}[level]
+    float_ops = [{"op": n, "count": c, "macs_share": round(float_macs[n] / total_macs, 4) if total_macs else 0.0,
+                  "why": why} for n, c in sorted(float_counts.items(), key=lambda kv: (-float_macs[kv[0]], kv[0]))]
+    return {
+        "level": level,
+        "ops_total": sum(counts.values()),
+        "op_counts": dict(sorted(counts.items())),
+        "float_ops": float_ops,
+        "float_ops_total": sum(float_counts.values()),
+        "float_macs_share": round(sum(float_macs.values()) / total_macs, 4) if total_macs else 0.0,
+        "edge_conversions": dict(sorted(edge_counts.items())),
+        "macs_total": total_macs,
+        "how": "read from the .tflite with the LiteRT interpreter (no delegates); an op is integer when every "
+               "activation tensor it reads or writes is integer; MACs counted from the weight and output shapes "
+               "of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL and TRANSPOSE_CONV",
+    }
+
+
+def describe_float_ops(report: dict[str, Any]) -> str:
+    """One line for inspect and the build log."""
+    if not report["float_ops"]:
+        edges = ", ".join(f"{c} {n}" for n, c in report["edge_conversions"].items())
+        return f"0 float ops of {report['ops_total']}" + (f" (edge conversions: {edges})" if edges else "")
+    parts = ", ".join(f"{f['op']} x{f['count']} ({f['macs_share']:.0%} of MACs)" for f in report["float_ops"])
+    return f"{report['float_ops_total']} float ops of {report['ops_total']}: {parts}"
