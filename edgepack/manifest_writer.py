@@ -136,7 +136,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         acceptance=gates(project, profile, ref, got),
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
-        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings), prune=prune,
+        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings) + list(compiled.details.get("warnings", [])), prune=prune,
         conversion=_conversion(compiled, tuning),
     )
 

@@ -17,7 +17,18 @@ from edgepack.compare import Cell, Row, reusable
 from edgepack.compare_rows import apply_budget
 
 CHROMIUM = Path("/usr/bin/chromium")
-TARGETS = ["cpu", "onnx", "jetson-orin-nano", "rpi5", "android-arm64", "broken-jetson"]
+TARGETS = ["cpu", "onnx", "jetson-orin-nano", "android-arm64", "future-npu", "broken-jetson"]
+FUTURE = """\
+name: future-npu
+description: a board whose backend this edgepack does not have
+backend: qnn
+precision: int8
+device:
+  kind: npu
+  name: Future NPU board
+  peak_int8_tops: {value: 10.0, source: "test figure"}
+  memory_bandwidth_gbs: {value: 30.0, source: "test figure"}
+"""
 BROKEN = """\
 name: broken-jetson
 description: a Jetson profile whose build fails (DLA core 3 on a device without DLA)
@@ -37,14 +48,15 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def compared(built, trained_project, tmp_path_factory):
-    """cpu and onnx reused from the `built` fixture, jetson built, broken-jetson failing, rpi5 and the
-    phone estimated; one quick calibration per host runtime."""
+    """cpu and onnx reused from the `built` fixture, jetson and the phone built, broken-jetson failing,
+    future-npu (no backend) estimated only; one quick calibration per host runtime."""
     dist, results = built
     out = tmp_path_factory.mktemp("compare")
     for r in results.values():
         shutil.copy2(r.bundle, out / r.bundle.name)
     profiles = tmp_path_factory.mktemp("profiles")
     (profiles / "broken-jetson.yaml").write_text(BROKEN)
+    (profiles / "future-npu.yaml").write_text(FUTURE)
     events: list = []
     c = compare(trained_project, TARGETS, out, [profiles], Budget(max_latency_ms=1000.0, max_drop=1.0),
                 suite="quick", on_build_event=events.append)
@@ -78,11 +90,15 @@ def test_device_rows_are_estimates_with_reasons(compared):
     assert jet.p50_ms.source == "estimate" and jet.accuracy.source.startswith("host proxy")
     assert "transferred from openvino int8" in jet.p50_ms.note
     assert jet.size_mb.source == "bundle" and jet.details["host_latency"]["note"]
-    for name in ("rpi5", "android-arm64"):
-        r = rows(c)[name]
-        assert r.status == "estimate only" and "tflite" in r.reason and "accuracy is not measured" in r.reason
-        assert r.accuracy.value is None and r.p50_ms.source == "estimate" and r.p50_ms.value > 0
-        assert r.size_mb.source == "estimate" and r.p90_ms.value is None and r.p90_ms.note
+    phone = rows(c)["android-arm64"]
+    assert phone.status == "estimated" and phone.bundle and phone.backend == "tflite"
+    assert phone.accuracy.source.startswith("measured (host: ") and phone.accuracy.value > 80
+    assert phone.p50_ms.source == "estimate" and "this host is not the device" in phone.reason
+    assert phone.size_mb.source == "bundle" and phone.details["host_latency"]["runtime"].startswith("ai-edge-litert")
+    r = rows(c)["future-npu"]
+    assert r.status == "estimate only" and "'qnn'" in r.reason and "accuracy is not measured" in r.reason
+    assert r.accuracy.value is None and r.p50_ms.source == "estimate" and r.p50_ms.value > 0
+    assert r.size_mb.source == "estimate" and r.p90_ms.value is None and r.p90_ms.note
     broken = rows(c)["broken-jetson"]
     assert broken.status == "failed" and "build failed" in broken.reason and "DLA" in broken.reason
     assert broken.p50_ms.source == "estimate"            # still estimated, never a crash
@@ -100,7 +116,7 @@ def test_budget_marks_rows_and_names_the_cheapest(compared):
     _, _, c, _ = compared
     r = rows(c)
     assert c.budget["max_drop"] == 1.0 and c.budget["cheapest_by"].startswith("device price_usd")
-    assert r["rpi5"].budget["meets"] is None          # accuracy unknown: neither meets nor fails
+    assert r["future-npu"].budget["meets"] is None    # accuracy unknown: neither meets nor fails
     assert r["cpu"].budget["meets"] is True
     assert c.cheapest in c.budget["meeting"]
     priced = [x for x in c.rows if x.budget["meets"] and x.price_usd is not None]
@@ -145,7 +161,8 @@ def test_reusable_names_what_changed(built):
 def test_second_run_reuses_everything(compared, trained_project):
     out, profiles, c, _ = compared
     before = {p.name: p.stat().st_mtime for p in out.glob("*.edgepack")}
-    again = compare(trained_project, ["cpu", "jetson-orin-nano", "rpi5"], out, [profiles], suite="quick")
+    again = compare(trained_project, ["cpu", "jetson-orin-nano", "android-arm64", "future-npu"], out, [profiles],
+                    suite="quick")
     assert all(r.reused for r in again.rows if r.bundle)
     assert {p.name: p.stat().st_mtime for p in out.glob("*.edgepack")} == before
 
@@ -184,17 +201,17 @@ def test_cli_compare_json_markdown_and_html(compared, trained_project, tmp_path)
     out, profiles, _, _ = compared
     base = ["compare", "--project", str(trained_project), "--out", str(out), "--targets-dir", str(profiles),
             "--calibration-suite", "quick", "-q"]
-    res = runner.invoke(app, base + ["-t", "cpu,rpi5", "--format", "json", "--html", str(tmp_path / "r.html"),
+    res = runner.invoke(app, base + ["-t", "cpu,future-npu", "--format", "json", "--html", str(tmp_path / "r.html"),
                                      "--max-latency-ms", "1000"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert [r["target"] for r in data["rows"]] == ["cpu", "rpi5"]
+    assert [r["target"] for r in data["rows"]] == ["cpu", "future-npu"]
     assert data["rows"][1]["p50_ms"]["source"] == "estimate" and (tmp_path / "r.html").is_file()
     assert data["report"]["size"].endswith("r-size.png")
     res = runner.invoke(app, base + ["-t", "cpu", "-t", "android-arm64", "--format", "markdown"])
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("# digits 1.2.3") and "| cpu |" in res.stdout and "est." in res.stdout
-    res = runner.invoke(app, base + ["-t", "cpu,rpi5"])
+    res = runner.invoke(app, base + ["-t", "cpu,future-npu"])
     assert res.exit_code == 0 and "estimate vs measured on this host" in res.stdout
 
 
@@ -213,10 +230,12 @@ def test_cli_compare_errors(trained_project, tmp_path, args, message):
     assert any(line.startswith("hint:") for line in res.output.splitlines())
 
 
-def test_build_for_a_tflite_profile_names_the_missing_backend(trained_project, tmp_path):
-    res = runner.invoke(app, ["build", "--project", str(trained_project), "-t", "rpi5", "--out", str(tmp_path), "-q"])
+def test_build_for_a_profile_without_its_backend_names_it(trained_project, tmp_path):
+    (tmp_path / "future-npu.yaml").write_text(FUTURE)
+    res = runner.invoke(app, ["build", "--project", str(trained_project), "-t", "future-npu", "--targets-dir",
+                              str(tmp_path), "--out", str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2
-    assert "target 'rpi5'" in res.output and "needs backend 'tflite'" in res.output
+    assert "target 'future-npu'" in res.output and "needs backend 'qnn'" in res.output
     res = runner.invoke(app, ["targets", "list", "--format", "json"])
     names = {t["name"] for t in json.loads(res.stdout)}
     assert {"rpi5", "android-flagship", "android-arm64", "x86-avx512-vnni"} <= names
@@ -229,9 +248,13 @@ def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_proje
     assert groups_of(["a"], 4) == [["a"]]
     assert 1 <= default_workers(5) <= 5 and default_workers(1) == 1
     events: list = []
-    outcomes = run_builds(trained_project / "edgepack.yaml", ["rpi5", "android-arm64"], tmp_path, [], 2,
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "future-npu.yaml").write_text(FUTURE)
+    (profiles / "future-npu-2.yaml").write_text(FUTURE.replace("name: future-npu", "name: future-npu-2"))
+    outcomes = run_builds(trained_project / "edgepack.yaml", ["future-npu", "future-npu-2"], tmp_path, [profiles], 2,
                           events.append)
-    assert sorted(o.target for o in outcomes) == ["android-arm64", "rpi5"]
-    assert all(o.bundle is None and "needs backend 'tflite'" in o.error and o.error_type == "ConfigError"
+    assert sorted(o.target for o in outcomes) == ["future-npu", "future-npu-2"]
+    assert all(o.bundle is None and "needs backend 'qnn'" in o.error and o.error_type == "ConfigError"
                for o in outcomes)
 

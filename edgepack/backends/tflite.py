@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -124,6 +125,8 @@ class TFLiteBackend(Backend):
         channel_last: bool = True
         level: Literal["int8", "int16x8", "dynamic-int8", "fp16", "fp32"] | None = None
         static_dims: dict[str, int] = {}
+        # refuse (and fall back from) a level whose model prepares only under XNNPACK
+        require_builtin_kernels: bool = False
 
     def check_environment(self, compile: bool = True) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
@@ -169,6 +172,16 @@ class TFLiteBackend(Backend):
             self._quantize(float_file, out, level, options, calibration, layouts, model, log)
         io = self._io(out, model, layouts)
         (out.parent / IO_FILE).write_text(json.dumps(io, indent=2) + "\n")
+        kernels = kernel_check(out)
+        if kernels["xnnpack"] != "ok":
+            raise ToolchainError(f"the {level} .tflite does not load in the LiteRT interpreter: {kernels['xnnpack']}")
+        warnings_ = []
+        if kernels["builtin_kernels"] != "ok":
+            msg = (f"the {level} .tflite runs on XNNPACK but not on LiteRT's builtin kernels "
+                   f"({kernels['builtin_kernels']}): a device whose delegate declines an op cannot run it")
+            if options.require_builtin_kernels:
+                raise ToolchainError(msg, hint="set backend_options.require_builtin_kernels: false to accept it")
+            warnings_.append(msg)
         report = float_op_report(out, level)
         cfg = {"backend": self.name, "precision": LEVEL_PRECISION[level], "level": level,
                "level_means": LEVELS[level], "converter": "litert-torch", "quantizer": "ai-edge-quantizer",
@@ -176,8 +189,9 @@ class TFLiteBackend(Backend):
                "calibration_samples": len(calibration) if level in ("int8", "int16x8") else 0}
         return model.derive("compile", cfg, started, format=ModelFormat.TFLITE, path=out,
                             files=(out, out.parent / IO_FILE), precision=LEVEL_PRECISION[level],
-                            details={"io": io, "conversion": {"level": level, "level_means": LEVELS[level],
-                                                              "float_op_report": report}})
+                            details={"io": io, "warnings": warnings_,
+                                     "conversion": {"level": level, "level_means": LEVELS[level],
+                                                    "float_op_report": report, "kernels": kernels}})
 
     # -- steps ---------------------------------------------------------------------------------
     def _convert(self, model: ModelArtifact, options: BaseModel, dst: Path, log: Path) -> list[list[int] | None]:
@@ -186,6 +200,8 @@ class TFLiteBackend(Backend):
             litert_torch = self._import("litert_torch", "PyTorch -> TFLite conversion")
         program = torch.export.load(str(model.path))
         module = program.module()
+        with contextlib.suppress(Exception):  # exported graphs are captured in eval mode already
+            module.eval()
         specs = list(model.inputs)
         for s in specs:
             if any(not isinstance(d, int) for d in s.shape):
@@ -227,7 +243,8 @@ class TFLiteBackend(Backend):
         elif level == "fp16":
             rm.add_weight_only_config(".*", op.ALL_SUPPORTED, num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
         try:
-            with _captured(log):
+            with _captured(log), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 q = quantizer.Quantizer(str(src), rm.get_quantization_recipe())
                 ranges = None
                 if q.need_calibration:
@@ -334,8 +351,7 @@ def float_op_report(path: Path, level: str) -> dict[str, Any]:
     mod = _interpreter_module()
     interp = mod.Interpreter(model_path=str(path),
                              experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interp.allocate_tensors()
-    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}  # unnamed scratch tensors are not listed
     ops = interp._get_ops_details()  # the public API has no op listing
     produced = {o for op in ops for o in op["outputs"]}
     graph_io = {d["index"] for d in interp.get_input_details()} | {d["index"] for d in interp.get_output_details()}
@@ -343,8 +359,8 @@ def float_op_report(path: Path, level: str) -> dict[str, Any]:
     total_macs = 0
     for op in ops:
         name = op["op_name"]
-        ins = [tensors[i] for i in op["inputs"] if i >= 0]
-        outs = [tensors[i] for i in op["outputs"] if i >= 0]
+        ins = [tensors[i] for i in op["inputs"] if i in tensors]
+        outs = [tensors[i] for i in op["outputs"] if i in tensors]
         acts = [t for t in ins if t["index"] in produced or t["index"] in graph_io] + outs
         macs = _macs(name, ins, outs)
         total_macs += macs
@@ -373,6 +389,23 @@ def float_op_report(path: Path, level: str) -> dict[str, Any]:
                "activation tensor it reads or writes is integer; MACs counted from the weight and output shapes "
                "of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL and TRANSPOSE_CONV",
     }
+
+
+def kernel_check(path: Path) -> dict[str, str]:
+    """Does the model prepare on XNNPACK (LiteRT's default CPU path) and on the builtin kernels (the
+    path a device takes for ops its delegate declines)? 'ok' or the runtime's own error."""
+    mod = _interpreter_module()
+    out = {}
+    for name, resolver in (("xnnpack", mod.OpResolverType.AUTO),
+                           ("builtin_kernels", mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)):
+        try:
+            with _captured(Path(os.devnull)):
+                interp = mod.Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
+                interp.allocate_tensors()
+            out[name] = "ok"
+        except Exception as e:  # the runtime raises RuntimeError/ValueError with the failing node
+            out[name] = " ".join(str(e).split())[:300] or type(e).__name__
+    return out
 
 
 def describe_float_ops(report: dict[str, Any]) -> str:
