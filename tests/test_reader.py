@@ -67,3 +67,14 @@ def test_wrong_input_name(tmp_path):
 def test_missing_source(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_samples("nope.npz", tmp_path, SPEC, None, None, 0)
+
+
+def test_channels_last_tensors_are_named_as_such(tmp_path):
+    spec = [TensorSpec("image", ("batch", 3, 8, 8), "float32")]
+    np.savez(tmp_path / "d.npz", image=np.zeros((3, 8, 8, 3), np.float32))
+    with pytest.raises(CalibrationError, match=r"channels-last \(NHWC\) \(1, 8, 8, 3\).*expects \[batch, 3, 8, 8\]") as e:
+        load_samples("d.npz", tmp_path, spec, None, None, 0)
+    assert "np.transpose(x, (0, 3, 1, 2))" in e.value.hint
+    np.savez(tmp_path / "d.npz", image=np.zeros((3, 8, 8, 5), np.float32))   # not a layout swap: plain message
+    with pytest.raises(CalibrationError, match="has shape"):
+        load_samples("d.npz", tmp_path, spec, None, None, 0)

@@ -121,6 +121,14 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
             (isinstance(d, str) or d == s) for d, s in zip(t.shape, a.shape)
         )
         if not ok or a.shape[0] != 1:
+            if len(a.shape) == 4 == len(t.shape):
+                nchw = (a.shape[0], a.shape[3], a.shape[1], a.shape[2])
+                if all(isinstance(d, str) or d == s for d, s in zip(t.shape, nchw)):
+                    raise CalibrationError(
+                        f"{what}: input '{t.name}' is channels-last (NHWC) {tuple(a.shape)}, the model expects "
+                        f"{t.shape_str} (NCHW)",
+                        hint="store np.transpose(x, (0, 3, 1, 2)), or store raw HxWxC images and let `preprocess` "
+                             "(layout: NCHW) convert them; the tflite backend makes the device's NHWC itself")
             raise CalibrationError(
                 f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {t.shape_str} with batch 1"
             )
