@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
+from edgepack.backends.tflite_convert import problem
 from edgepack.errors import ConfigError, MissingDependencyError, ToolchainError
 
 IO_FILE = "io.json"
@@ -92,7 +93,8 @@ class TFLiteRunner:
         self.runner = self.interpreter.get_signature_runner(self.io.get("signature", SIGNATURE))
         self.input_names = [i["name"] for i in self.io["inputs"]]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The project's tensors in the model's own layout and dtype (what device code feeds)."""
         args = {}
         for spec in self.io["inputs"]:
             x = np.asarray(feeds[spec["name"]])
@@ -100,7 +102,13 @@ class TFLiteRunner:
                 x = np.transpose(x, spec["permute"])
             q = spec.get("quantization")
             args[spec["tflite_name"]] = _quantize(x, q) if q else np.ascontiguousarray(x, dtype=spec["dtype"])
-        got = self.runner(**args)
+        return args
+
+    def invoke(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner(**prepared)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        got = self.invoke(self.prepare(feeds))
         outs = []
         for spec in self.io["outputs"]:
             y = got[spec["tflite_name"]]
@@ -137,10 +145,14 @@ class TFLiteBackend(Backend):
             with contextlib.suppress(PackageNotFoundError):
                 versions[pkg] = version(pkg)
         if compile:
+            import importlib.util
+
+            # found, not imported: litert-torch (JAX, torchao) only ever runs in the converter process
             for module, pkg, purpose in (("litert_torch", "litert-torch", "PyTorch -> TFLite conversion"),
-                                         ("ai_edge_quantizer", "ai-edge-quantizer", "TFLite INT8 quantization")):
-                with _captured(Path(os.devnull)):  # torchao prints about CUDA kernels it cannot load
-                    self._import(module, purpose)
+                                         ("ai_edge_quantizer", "ai-edge-quantizer", "TFLite INT8 quantization"),
+                                         ("torch", "torch", "loading the exported PyTorch program")):
+                if importlib.util.find_spec(module) is None:
+                    raise MissingDependencyError(pkg, self.extra, purpose)
                 versions[pkg] = version(pkg)
         versions.setdefault("interpreter", mod.__name__)
         return versions
@@ -195,13 +207,10 @@ class TFLiteBackend(Backend):
 
     # -- steps ---------------------------------------------------------------------------------
     def _convert(self, model: ModelArtifact, options: BaseModel, dst: Path, log: Path) -> list[list[int] | None]:
-        torch = self._import("torch", "loading the exported PyTorch program")
-        with _captured(log):
-            litert_torch = self._import("litert_torch", "PyTorch -> TFLite conversion")
-        program = torch.export.load(str(model.path))
-        module = program.module()
-        with contextlib.suppress(Exception):  # exported graphs are captured in eval mode already
-            module.eval()
+        """Float .tflite from the torch.export program, in a child process (see tflite_convert). The
+        result is kept beside the program, so every quantization level of one build converts once."""
+        import subprocess
+
         specs = list(model.inputs)
         for s in specs:
             if any(not isinstance(d, int) for d in s.shape):
@@ -210,18 +219,20 @@ class TFLiteBackend(Backend):
         # rank-4 float inputs are PyTorch images (NCHW): the .tflite takes them channel-last (NHWC)
         layouts = [[0, 2, 3, 1] if options.channel_last and len(s.shape) == 4 and s.dtype.startswith("float")
                    else None for s in specs]
-        args = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in specs]
-        nhwc = [i for i, p in enumerate(layouts) if p]
-        if nhwc:
-            module = litert_torch.to_channel_last_io(module, args=nhwc)
-            args = [a.permute(*p).contiguous() if p else a for a, p in zip(args, layouts)]
-        try:
-            with _captured(log):
-                edge = litert_torch.convert(module, tuple(args))
-                edge.export(str(dst))
-        except Exception as e:
-            raise ToolchainError(f"litert-torch could not convert the model: {_conversion_problem(e)}",
-                                 hint="the full converter output is in the build log") from e
+        cached = model.path.parent / f"float32-{'nhwc' if any(layouts) else 'as-is'}.tflite"
+        if not cached.is_file():
+            result = dst.parent / "convert-result.json"
+            cmd = [sys.executable, "-m", "edgepack.backends.tflite_convert", str(model.path), str(cached) + ".part",
+                   json.dumps(layouts), str(result)]
+            with open(log, "ab") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+            outcome = json.loads(result.read_text()) if result.is_file() else {
+                "ok": False, "error": f"the converter process ended with status {proc.returncode} and no result"}
+            if not outcome["ok"]:
+                raise ToolchainError(f"litert-torch could not convert the model: {outcome['error']}",
+                                     hint="the full converter output is in the build log")
+            Path(str(cached) + ".part").replace(cached)
+        shutil.copyfile(cached, dst)
         return layouts
 
     def _quantize(self, src: Path, dst: Path, level: str, options: BaseModel, calibration: Any,
@@ -256,7 +267,7 @@ class TFLiteBackend(Backend):
                 result.export_model(str(dst), overwrite=True)
         except Exception as e:
             raise ToolchainError(f"ai-edge-quantizer could not quantize the model at level '{level}': "
-                                 f"{_conversion_problem(e)}", hint="the full output is in the build log") from e
+                                 f"{problem(e)}", hint="the full output is in the build log") from e
 
     def _io(self, path: Path, model: ModelArtifact, layouts: list[list[int] | None]) -> dict[str, Any]:
         interp = _interpreter_module().Interpreter(model_path=str(path))
@@ -291,14 +302,6 @@ def _arg_index(name: str) -> int:
 def _signature_inputs(path: Path) -> list[str]:
     interp = _interpreter_module().Interpreter(model_path=str(path))
     return sorted(interp.get_signature_runner(SIGNATURE).get_input_details(), key=_arg_index)
-
-
-def _conversion_problem(e: Exception) -> str:
-    """The converter's own words, reduced to the line that names the op or layer."""
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.search(r"aten\.|tfl\.|node|op |operator|layer", ln, re.I)]
-    return (named or lines or [type(e).__name__])[0][:400]
 
 
 @contextlib.contextmanager

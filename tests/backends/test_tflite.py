@@ -4,7 +4,6 @@ and run on the LiteRT interpreter."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import tarfile
 
@@ -149,17 +148,39 @@ def test_symbolic_dims_need_a_static_size():
 
 
 def test_missing_toolchain_names_the_extra(monkeypatch):
-    real = importlib.import_module
+    import importlib.util
 
-    def fake(name, *args):
-        if name.startswith("litert_torch"):
-            raise ImportError(f"No module named '{name}'")
-        return real(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch" else real(name, *a))
     with pytest.raises(MissingDependencyError) as info:
         get_backend("tflite").check_environment(compile=True)
-    assert "edgepack[tflite]" in info.value.hint
+    assert "'litert-torch'" in info.value.message and "edgepack[tflite]" in info.value.hint
+    assert get_backend("tflite").check_environment(compile=False)  # running needs the interpreter only
+
+
+def test_a_converter_failure_names_the_problem_and_keeps_the_log(tmp_path):
+    """A model torch.export captures but litert-torch cannot lower (erfinv has no TFLite lowering)."""
+    import torch
+
+    class Gauss(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.erfinv(x.clamp(-0.5, 0.5))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.warp = Gauss()
+
+        def forward(self, x):
+            return self.warp(self.fc(x))
+
+    art = export_program(Net().eval(), [TensorSpec("x", (1, 16), "float32")], ["y"], tmp_path / "pt2")
+    with pytest.raises(ToolchainError, match=r"could not convert the model: .*aten\.erfinv.* in layer warp \(Gauss\)") as info:
+        _compile(art, tmp_path, "fp32")
+    assert "build log" in info.value.hint
+    log = (tmp_path / "fp32" / "litert.log").read_text()
+    assert "Traceback" in log
 
 
 def test_mobilenetv2_converts_to_full_integer(tmp_path):
