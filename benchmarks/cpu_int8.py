@@ -49,6 +49,7 @@ def build():
     return ResNet50()
 """
 RESNET_DATA = """\
+import numpy as np
 
 
 def _images(n, seed):
