@@ -126,3 +126,20 @@ def test_pruning_an_onnx_model_needs_the_pytorch_model(project, tmp_path):
     edit_yaml(project, "acceptance:", "prune:\n  ratio: 0.3\nacceptance:")
     res = run("build", "--project", str(project), "--target", "onnx", "-q")
     assert res.exit_code == 2 and "pruning needs the PyTorch model" in res.output
+
+
+def test_evaluate_without_labels_scores_fidelity_against_the_reference():
+    """A project with `metric: fidelity` (no labels): the unpruned model is its own reference."""
+    import torch
+
+    from edgepack.stages.prune import evaluate
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3).eval()
+    xs = {"x": np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)}
+    before = evaluate(net, xs, None, None)
+    assert before["metric"] == "fidelity" and before["value"] == 100.0
+    with torch.no_grad():
+        net.weight.mul_(-1.0)
+    after = evaluate(net, xs, None, before["logits"])
+    assert after["value"] < 100.0
