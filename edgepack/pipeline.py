@@ -144,12 +144,10 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         backend.check_environment(compile=True)
         plans.append((prof, backend, options))
     out = _check_out_dir(Path(out) if out else project.root / "dist")
-    torch_fed = [prof.name for prof, backend, _ in plans if backend.consumes == ModelFormat.TORCH]
-    if torch_fed and project.model.kind == "onnx":
-        raise ConfigError(f"target '{torch_fed[0]}' converts from the PyTorch model, but model.path is an ONNX file "
-                          f"({project.model.path})",
-                          hint="point model.path at file.py:factory for this target; ONNX sources build for "
-                               "cpu, onnx and the jetson targets")
+    if project.model.kind == "onnx" and any(b.consumes == ModelFormat.TORCH for _, b, _ in plans):
+        from edgepack.toolchains import require
+
+        require("onnx2tf")  # ONNX sources reach TFLite through the isolated onnx2tf toolchain
     if project.prune and project.model.kind == "onnx":
         raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model, "
                           f"but model.path is an ONNX file", hint="point model.path at file.py:factory, or remove prune")
@@ -278,7 +276,7 @@ def _compile_source(shared: _Shared, profile: TargetProfile, backend: Backend, o
                     workdir: Path, progress: Progress, which: str = "model") -> ModelArtifact:
     """What ``backend.compile`` reads: the exported ONNX, or for backends that convert from PyTorch a
     ``torch.export`` program of the same (pruned) module at static shapes."""
-    if backend.consumes == ModelFormat.ONNX:
+    if backend.consumes == ModelFormat.ONNX or shared.project.model.kind == "onnx":
         return onnx_art if which == "model" else shared.exports[("unpruned", profile.max_opset)]
     from edgepack.stages.export_torch import export_program, static_specs
 

@@ -165,17 +165,18 @@ class TFLiteBackend(Backend):
 
     def compile(self, model: ModelArtifact, target: Any, options: BaseModel, calibration: Any,
                 workdir: Path) -> ModelArtifact:
-        if model.format != ModelFormat.TORCH:
-            raise ConfigError(f"backend 'tflite' converts from the PyTorch model, got {model.format.value} "
-                              f"({model.path.name})",
-                              hint="point model.path at file.py:factory; ONNX sources are not converted to TFLite "
-                                   "by this edgepack")
+        if model.format not in (ModelFormat.TORCH, ModelFormat.ONNX):
+            raise ConfigError(f"backend 'tflite' converts a PyTorch program or an ONNX file, got "
+                              f"{model.format.value} ({model.path.name})")
         started = time.perf_counter()
         level = self.level_for(target, options)
         workdir.mkdir(parents=True, exist_ok=True)
         log = workdir / "litert.log"
         float_file = workdir / "float32.tflite"
-        layouts = self._convert(model, options, float_file, log)
+        if model.format == ModelFormat.ONNX:
+            layouts = self._convert_onnx(model, options, float_file, log)
+        else:
+            layouts = self._convert(model, options, float_file, log)
         out = workdir / "model" / "model.tflite"
         out.parent.mkdir(parents=True, exist_ok=True)
         if level == "fp32":
@@ -196,7 +197,8 @@ class TFLiteBackend(Backend):
             warnings_.append(msg)
         report = float_op_report(out, level)
         cfg = {"backend": self.name, "precision": LEVEL_PRECISION[level], "level": level,
-               "level_means": LEVELS[level], "converter": "litert-torch", "quantizer": "ai-edge-quantizer",
+               "level_means": LEVELS[level], "quantizer": "ai-edge-quantizer",
+               "converter": "onnx2tf (isolated toolchain)" if model.format == ModelFormat.ONNX else "litert-torch",
                "io_dtype": options.io_dtype if level in ("int8", "int16x8") else "float32",
                "calibration_samples": len(calibration) if level in ("int8", "int16x8") else 0}
         return model.derive("compile", cfg, started, format=ModelFormat.TFLITE, path=out,
@@ -235,6 +237,40 @@ class TFLiteBackend(Backend):
         shutil.copyfile(cached, dst)
         return layouts
 
+    def _convert_onnx(self, model: ModelArtifact, options: BaseModel, dst: Path, log: Path) -> list[list[int] | None]:
+        """Float .tflite from an ONNX file with onnx2tf, which runs in its own environment (it pins
+        TensorFlow 2.19 and numpy < 2; see edgepack.toolchains). onnx2tf makes every rank-4 input NHWC."""
+        import subprocess
+
+        from edgepack.stages.export_torch import static_specs
+        from edgepack.toolchains import require
+
+        exe = require("onnx2tf")
+        specs = static_specs(list(model.inputs), 1, dict(options.static_dims), "backend 'tflite' (onnx2tf)")
+        layouts = [[0, 2, 3, 1] if len(s.shape) == 4 else None for s in specs]
+        # kept in the target's scratch folder (never beside the user's ONNX file): one conversion per build
+        cached = dst.parent.parent / f"onnx2tf-{model.digest[:16]}-float32.tflite"
+        if not cached.is_file():
+            work = dst.parent / "onnx2tf"
+            shapes = [f"{s.name}:{','.join(str(d) for d in s.shape)}" for s in specs]
+            # -coion keeps the ONNX input/output names in the signature; no -oiqt: edgepack quantizes itself
+            # (onnx2tf's own INT8 path would fetch a calibration sample from the internet)
+            cmd = [str(exe), "-i", str(model.path), "-o", str(work), "-coion", "-n", "-ois", *shapes]
+            with open(log, "ab") as f:
+                f.write(("$ " + " ".join(cmd) + "\n").encode())
+                f.flush()
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=dst.parent)
+            made = work / f"{model.path.stem}_float32.tflite"
+            if proc.returncode != 0 or not made.is_file():
+                text = log.read_text(errors="replace")
+                named = [ln.strip() for ln in text.splitlines() if re.search(r"(ERROR|Error|error).*", ln)]
+                raise ToolchainError(f"onnx2tf could not convert {model.path.name}: "
+                                     f"{(named[-1] if named else f'exit status {proc.returncode}')[:300]}",
+                                     hint="the full converter output is in the build log")
+            shutil.copyfile(made, cached)
+        shutil.copyfile(cached, dst)
+        return layouts
+
     def _quantize(self, src: Path, dst: Path, level: str, options: BaseModel, calibration: Any,
                   layouts: list[list[int] | None], model: ModelArtifact, log: Path) -> None:
         self._import("ai_edge_quantizer", "TFLite quantization")
@@ -259,7 +295,7 @@ class TFLiteBackend(Backend):
                 q = quantizer.Quantizer(str(src), rm.get_quantization_recipe())
                 ranges = None
                 if q.need_calibration:
-                    names = _signature_inputs(src)
+                    names = _signature_inputs(src, [spec.name for spec in model.inputs])
                     feeds = [{names[i]: (np.transpose(s[spec.name], p) if p else s[spec.name])
                               for i, (spec, p) in enumerate(zip(model.inputs, layouts))} for s in calibration]
                     ranges = q.calibrate({SIGNATURE: feeds}, num_threads=max(1, os.cpu_count() or 1))
@@ -284,8 +320,8 @@ class TFLiteBackend(Backend):
                                                   "dtype": np.dtype(d["dtype"]).name} if scale else None}
             return e
 
-        in_names = sorted(ins, key=_arg_index)
-        out_names = sorted(outs, key=_arg_index)
+        in_names = _matched(ins, [s.name for s in model.inputs])
+        out_names = _matched(outs, [s.name for s in model.outputs])
         return {"signature": SIGNATURE, "format": "tflite",
                 "inputs": [entry(s.name, t, ins[t], p) for s, t, p in zip(model.inputs, in_names, layouts)],
                 "outputs": [entry(s.name, t, outs[t], None) for s, t in zip(model.outputs, out_names)],
@@ -299,9 +335,17 @@ def _arg_index(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _signature_inputs(path: Path) -> list[str]:
+def _matched(details: dict[str, Any], names: list[str]) -> list[str]:
+    """The signature's tensor names in the order of ``names``: by name when the converter kept the
+    model's names (onnx2tf), else by position (litert-torch's args_0, args_1, ...)."""
+    if all(n in details for n in names):
+        return list(names)
+    return sorted(details, key=_arg_index)
+
+
+def _signature_inputs(path: Path, names: list[str]) -> list[str]:
     interp = _interpreter_module().Interpreter(model_path=str(path))
-    return sorted(interp.get_signature_runner(SIGNATURE).get_input_details(), key=_arg_index)
+    return _matched(interp.get_signature_runner(SIGNATURE).get_input_details(), names)
 
 
 @contextlib.contextmanager

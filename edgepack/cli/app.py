@@ -50,6 +50,9 @@ app.command("install")(device.install)
 app.command("rollback")(device.rollback)
 app.command("status")(device.status)
 app.add_typer(fleet.app, name="fleet", help="The fleet view: which device runs which version.")
+from edgepack.cli import toolchain as toolchain_cli  # noqa: E402
+
+app.add_typer(toolchain_cli.app, name="toolchain", help="Isolated converter environments (onnx2tf).")
 from edgepack.cli import compare as compare_cli  # noqa: E402
 
 app.command("compare")(compare_cli.compare)

@@ -301,12 +301,54 @@ def test_tight_budget_falls_back_along_the_ladder(project, tmp_path):
         assert "no level met" in conv["why"]
 
 
-def test_onnx_source_with_a_tflite_target_is_refused(project, tmp_path):
+def _onnx_project(project):
+    """The digits project with its trained model exported to ONNX and the project pointed at it."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(project))
+    try:
+        import model as digits
+
+        net = digits.build()
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("model", None)
+    net.load_state_dict(torch.load(project / "weights.pt"))
+    torch.onnx.export(net.eval(), (torch.zeros(2, 1, 8, 8),), str(project / "digits.onnx"), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    edit_yaml(project, "path: model.py:build\n  weights: weights.pt", "path: digits.onnx")
+    return project
+
+
+def test_onnx_source_without_the_onnx2tf_toolchain_says_how_to_install_it(project, tmp_path, monkeypatch):
     from edgepack.api import build
 
-    onnx_file = project / "model.onnx"
-    onnx_file.write_bytes(b"not used")
-    edit_yaml(project, "path: model.py:build\n  weights: weights.pt", "path: model.onnx")
-    with pytest.raises(ConfigError, match="converts from the PyTorch model, but model.path is an ONNX file"):
-        build(project, ["rpi5"], tmp_path)
-    assert not list(tmp_path.glob("*.edgepack"))
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGEPACK_ONNX2TF", raising=False)
+    _onnx_project(project)
+    with pytest.raises(MissingDependencyError, match="onnx2tf") as info:
+        build(project, ["rpi5"], tmp_path / "out")
+    assert "edgepack toolchain install onnx2tf" in info.value.hint
+    assert not list((tmp_path / "out").glob("*.edgepack"))
+
+
+def test_onnx_source_converts_with_onnx2tf(project, tmp_path):
+    from edgepack.api import build
+    from edgepack.toolchains import executable
+
+    if executable("onnx2tf") is None:
+        pytest.skip("the onnx2tf toolchain is not installed (`edgepack toolchain install onnx2tf`)")
+    _onnx_project(project)
+    (result,) = build(project, ["rpi5"], tmp_path)
+    m = result.manifest
+    assert m.source.kind == "onnx" and m.conversion["reached"] == "int8"
+    assert m.conversion["float_op_report"]["float_ops"] == []
+    compile_stage = next(s for s in m.stages if s["name"] == "compile")
+    assert compile_stage["config"]["converter"].startswith("onnx2tf")
+    assert m.runtime.io["inputs"][0]["tflite_name"] == "image" and m.runtime.io["inputs"][0]["layout"] == "NHWC"
+    ref, got = m.measurements.reference.accuracy["value"], m.measurements.compiled.accuracy["value"]
+    assert ref - got <= 2.0
+    assert not [p for p in project.iterdir() if "tflite" in p.name]  # nothing written beside the user's model
