@@ -37,6 +37,13 @@ def doctor(format: Format = typer.Option(Format.human, "--format")) -> None:
     except ImportError:
         rows.append({"backend": "(pytorch models)", "role": "load", "ok": False, "detail": "torch is not installed",
                      "hint": "pip install torch (needed to build from PyTorch models; not for validate)"})
+    from edgepack.toolchains import TOOLCHAINS, executable
+
+    for name, spec in TOOLCHAINS.items():
+        exe = executable(name)
+        rows.append({"backend": f"({name} toolchain)", "role": "build", "ok": exe is not None,
+                     "detail": str(exe) if exe else f"not installed: {spec['purpose']}",
+                     "hint": "" if exe else f"edgepack toolchain install {name} (only for ONNX sources)"})
     if format == Format.json:
         print_json(rows)
         return
