@@ -101,7 +101,7 @@ def interface(path: Path, declared: list[TensorSpec] | None, dtypes_declared: di
                     shape.append(d)
                 elif i == 0:
                     shape.append("batch")
-                elif isinstance(d, str) and IDENT.match(d) and d != "batch":
+                elif isinstance(d, str) and IDENT.match(d):
                     shape.append(d)
                 else:
                     raise ModelError(
