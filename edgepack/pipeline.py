@@ -149,8 +149,8 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         plans.append((prof, backend, options))
     out = _check_out_dir(Path(out) if out else project.root / "dist")
     if project.prune and project.model.kind in ("onnx", "hf"):
-        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs a PyTorch model from "
-                          f"file.py:factory, but the model is {'an ONNX file' if project.model.kind == 'onnx' else 'an hf folder'}",
+        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model (file.py:factory), "
+                          f"but the model is {'an ONNX file' if project.model.kind == 'onnx' else 'an hf folder'}",
                           hint="point model.path at file.py:factory, or remove prune")
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
