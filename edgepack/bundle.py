@@ -1,5 +1,6 @@
 """The bundle: one tar archive holding ``manifest.json``, ``model/``, ``preprocess.json``,
-``labels.json`` and ``validation/``. The manifest lists every other file with its sha256."""
+``labels.json``, ``validation/`` and, for text models, ``tokenizer/``. The manifest lists every
+other file with its sha256."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ class Measured(Strict):
     proxy: str | None = Field(default=None, description="set when a host runtime stood in for the device's")
     accuracy: dict[str, Any] | None = None
     latency: dict[str, Any]
+    latency_by_shape: list[dict[str, Any]] | None = Field(
+        default=None, description="latency at the representative sizes of symbolic dims (dims.NAME.measure), "
+                                  "same runtime and threads as `latency`")
     size: dict[str, Any]
     peak_memory: dict[str, Any]
 
@@ -120,6 +124,8 @@ class Manifest(Strict):
     prune: dict[str, Any] | None = Field(default=None, description="the prune stage: counts, accuracy, latency effect")
     conversion: dict[str, Any] | None = Field(default=None, description="what the converter produced: quantization "
                                               "level reached and why, and the float-op report")
+    text: dict[str, Any] | None = Field(default=None, description="text models: the bundled tokenizer, max sequence "
+                                                                  "length, padding; how text becomes inputs")
 
 
 def bundle_name(name: str, version: str, target: str) -> str:

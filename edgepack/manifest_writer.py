@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,15 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
     np.savez(vdir / "outputs.npz", **{k: np.concatenate([outputs[i][j] for i in range(n)])
                                       for j, k in enumerate(out_names)})
     holdout_file, n_hold = None, 0
-    if ev.labels is not None:
+    text = _bundle_text(shared, staging)
+    if ev.labels is not None and text is not None and ev.texts is not None:
+        # text models: the whole labelled evaluation set as raw text, tokenized on the device with the
+        # bundled tokenizer, so that `edgepack validate` reproduces the build's accuracy figure
+        with open(vdir / "holdout.jsonl", "w", encoding="utf-8") as f:
+            for t, y in zip(ev.texts, ev.labels):
+                f.write(json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n")
+        holdout_file, n_hold = "validation/holdout.jsonl", len(ev)
+    elif ev.labels is not None:
         # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
         idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
         n_hold = len(idx)
@@ -111,8 +120,10 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
     labels = project.label_names()
     (staging / "preprocess.json").write_text(json.dumps(
         {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
+         **({"text": text} if text else {}),
          "note": "raw image (HxWxC uint8, RGB) -> float * scale -> (x - mean) / std -> layout" if pre else
-         "inputs are fed as raw tensors"}, indent=2) + "\n")
+         "text -> the bundled tokenizer (see 'text')" if text else "inputs are fed as raw tensors"},
+        indent=2) + "\n")
     (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     stages = [s.to_json() for s in shared.stages] + [s.to_json() for s in compiled.lineage]
     toolchain = dict(shared.toolchain)
@@ -137,7 +148,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
         preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings) + list(compiled.details.get("warnings", [])), prune=prune,
-        conversion=_conversion(compiled, tuning),
+        conversion=_conversion(compiled, tuning), text=text,
     )
 
 
@@ -148,3 +159,15 @@ def _conversion(compiled: ModelArtifact, tuning: dict[str, Any] | None) -> dict[
     if tuning and tuning.get("kind") == "fallback ladder":
         return {**conv, "reached": tuning["reached"], "why": tuning["why"], "ladder": tuning["steps"]}
     return {**conv, "reached": conv["level"], "why": "the level the profile asks for (no fallback ran)"}
+
+
+def _bundle_text(shared: Any, staging: Path) -> dict[str, Any] | None:
+    """Copy the model's tokenizer into the bundle; the manifest's ``text`` section."""
+    spec = getattr(shared, "text", None)
+    if spec is None:
+        return None
+    src = shared.text_root / Path(spec.tokenizer_file).parent
+    dst = staging / Path(spec.tokenizer_file).parent
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    files = sorted(p.relative_to(staging).as_posix() for p in dst.rglob("*") if p.is_file())
+    return spec.to_json() | {"files": files}

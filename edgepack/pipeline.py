@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from edgepack import __version__
-from edgepack.artifact import ModelArtifact, ModelFormat, StageRecord, sha256_file
+from edgepack.artifact import ModelArtifact, ModelFormat, StageRecord, digest_paths, sha256_file
 from edgepack.backends import get_backend
 from edgepack.backends.base import Backend
 from edgepack.bundle import Manifest, Measured, Source, bundle_name, write_bundle
 from edgepack.calibration.reader import SampleSet, load_samples
 from edgepack.errors import AcceptanceError, CalibrationError, ConfigError, ToolchainError
 from edgepack.measure import accuracy as acc
-from edgepack.measure.latency import measure_latency
+from edgepack.measure.latency import latency_at_shapes, measure_latency
 from edgepack.measure.memory import measure_peak_memory
 from edgepack.project import Project, find_project, load_project
 from edgepack.target import TargetProfile, load_target
@@ -69,6 +69,9 @@ class _Shared:
     prune: dict[str, Any] | None = None
     # live torch modules ("model", and "unpruned" when pruning) for backends that convert from PyTorch
     modules: dict[str, Any] = field(default_factory=dict)
+    text: Any = None        # edgepack.text.TextSpec for text models
+    text_root: Path | None = None
+    hf: Any = None          # edgepack.loaders.hf.HFModel for hf sources
 
 
 class _Stage:
@@ -101,19 +104,23 @@ def _check_out_dir(out: Path) -> Path:
 
 def _source_of(project: Project, project_file: Path | None = None) -> Source:
     src = project.model
-    path = project.resolve(src.path.split(":")[0] if src.kind == "callable" else src.path)
-    digest = "sha256:" + sha256_file(path) if path.is_file() else "missing"
+    path = project.resolve(src.path.split(":")[0] if src.kind == "callable" else src.location)
+    if path.is_dir():  # a Hugging Face folder: config, weights, tokenizer files
+        digest = "sha256:" + digest_paths([p for p in path.rglob("*") if p.is_file()], path)
+    else:
+        digest = "sha256:" + sha256_file(path) if path.is_file() else "missing"
     weights = project.resolve(src.weights) if src.weights else None
     wdig = "sha256:" + sha256_file(weights) if weights and weights.is_file() else None
     pdig = "sha256:" + sha256_file(project_file) if project_file and project_file.is_file() else None
-    return Source(kind=src.kind, path=src.path, digest=digest, weights_digest=wdig, project_digest=pdig)
+    return Source(kind=src.kind, path=src.location, digest=digest, weights_digest=wdig, project_digest=pdig)
 
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"edgepack": __version__, "numpy": np.__version__}
-    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "ai-edge-litert", "litert-torch", "ai-edge-quantizer"):
+    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "transformers", "tokenizers", "ai-edge-litert",
+                "litert-torch", "ai-edge-quantizer"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -148,16 +155,21 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         from edgepack.toolchains import require
 
         require("onnx2tf")  # ONNX sources reach TFLite through the isolated onnx2tf toolchain
-    if project.prune and project.model.kind == "onnx":
-        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model, "
-                          f"but model.path is an ONNX file", hint="point model.path at file.py:factory, or remove prune")
+    if project.prune and project.model.kind in ("onnx", "hf"):
+        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model (file.py:factory), "
+                          f"but the model is {'an ONNX file' if project.model.kind == 'onnx' else 'an hf folder'}",
+                          hint="point model.path at file.py:factory, or remove prune")
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
-    shared = _Shared(project, _source_of(project, find_project(project_path)), toolchain=_versions(),
-                     tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps})
-    _prepare_data(shared, profiles[0], progress)
     scratch = Path(tempfile.mkdtemp(prefix=".edgepack-", suffix=".build", dir=out))
     try:
+        from edgepack.loaders.resolve import resolve
+
+        resolved = resolve(project, scratch / "source")
+        shared = _Shared(resolved.project, _source_of(project, find_project(project_path)), toolchain=_versions(),
+                         tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps},
+                         text=resolved.text, text_root=resolved.text_root, hf=resolved.hf)
+        _prepare_data(shared, profiles[0], progress)
         return [_build_target(shared, prof, backend, options, out, scratch, threads, progress)
                 for prof, backend, options in plans]
     finally:
@@ -178,10 +190,16 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
     specs = project.input_specs()
     pre = project.preprocess.model_dump() if project.preprocess else None
     labels = project.label_names()
+    text = None
+    if shared.text is not None:
+        from edgepack.text import TextEncoder
+
+        text = TextEncoder(shared.text, shared.text_root)
     with _Stage(progress, "calibration data") as st:
         cal = project.calibration
         shared.calibration = load_samples(cal.source, project.root, specs, pre,
-                                          cal.samples or profile.quantization.samples, cal.seed, labels, "calibration")
+                                          cal.samples or profile.quantization.samples, cal.seed, labels, "calibration",
+                                          text, cal.text_column, cal.label_column)
         st.detail = f"{len(shared.calibration)} samples"
     with _Stage(progress, "evaluation data") as st:
         ev = project.evaluation
@@ -191,7 +209,7 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
             st.detail = "no evaluation block: fidelity on the calibration samples"
         else:
             shared.evaluation = load_samples(ev.source, project.root, specs, pre, ev.samples, ev.seed, labels,
-                                             "evaluation")
+                                             "evaluation", text, ev.text_column, ev.label_column)
             has_labels = shared.evaluation.labels is not None
             if ev.metric == "top1" and not has_labels:
                 raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'evaluation.metric': top1 needs labels, "
@@ -236,23 +254,33 @@ def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Pr
         return shared.exports[key]
     project = shared.project
     specs = project.input_specs()
+    from edgepack.loaders.resolve import representative_dims
+
+    dims = representative_dims(project)
     if project.model.kind == "onnx":
         from edgepack.loaders.onnx import load_onnx
 
         with _Stage(progress, "load onnx") as st:
-            art = load_onnx(project.resolve(project.model.path), specs)
-            st.detail = f"opset {art.details.get('opset')}"
-            record = StageRecord("load", {"source": project.model.path, "kind": "onnx"}, None, art.digest, st_time(st))
+            art, info = load_onnx(project.resolve(project.model.path), specs, workdir / f"load-{key}")
+            st.detail = f"opset {art.details.get('opset')}" + (f", {info['producer']}" if info["producer"] else "")
+            record = StageRecord("load", {"source": project.model.path, "kind": "onnx", **info}, shared.source.digest,
+                                 art.digest, st_time(st))
             art = ModelArtifact(art.format, art.path, art.inputs, art.outputs, art.files, (record,), "fp32", art.details)
     else:
         from edgepack.loaders.torch import check_forward, load_module
         from edgepack.stages.export_onnx import export
 
         with _Stage(progress, "load model") as st:
-            module = load_module(project)
-            n_out = check_forward(module, specs)
+            if project.model.kind == "hf":
+                from edgepack.loaders import hf
+
+                module = hf.load_module(project, shared.hf)
+            else:
+                module = load_module(project)
+            n_out = check_forward(module, specs, dims)
             st.detail = f"{sum(p.numel() for p in module.parameters()):,} parameters"
-        names = project.outputs or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        default_names = [shared.hf.output] if shared.hf is not None else ["output"]
+        names = project.outputs or (default_names if n_out == 1 else [f"output_{i}" for i in range(n_out)])
         if len(names) != n_out:
             raise ConfigError(f"key 'outputs' names {len(names)} outputs, the model returns {n_out}")
         unpruned = module
@@ -261,13 +289,18 @@ def _export(shared: _Shared, profile: TargetProfile, workdir: Path, progress: Pr
             module = _prune(shared, module, specs, progress)
         shared.modules["model"] = module
         with _Stage(progress, "export onnx") as st:
-            art = export(module, specs, names, workdir / f"export-{key}", key, shared.source.digest)
+            art = export(module, specs, names, workdir / f"export-{key}", key, shared.source.digest,
+                         dims=project.dims)
             if project.prune and project.prune.method == "sparse-2of4":
                 art = replace(art, details={**art.details, "sparsity": "2:4"})
             st.detail = f"opset {art.details['opset']}, {art.size_bytes / 1e6:.2f} MB"
         if project.prune:
             shared.exports[("unpruned", key)] = export(unpruned, specs, names, workdir / f"unpruned-{key}", key,
                                                        shared.source.digest)
+    if project.dim_ranges():  # for backends that need static shapes (TensorRT profiles)
+        art = replace(art, details={**art.details, "dim_ranges": project.dim_ranges()})
+    if shared.hf is not None and shared.hf.model_type:
+        art = replace(art, details={**art.details, "model_type": shared.hf.model_type})
     shared.exports[key] = art
     return art
 
@@ -372,10 +405,12 @@ def _measure(shared: _Shared, backend: Backend, model_file: Path, files: list[Pa
     m = profile.measurement
     sample = shared.evaluation.samples[0]
     latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)
+    by_shape = latency_at_shapes(runner, sample, shared.project, m, threads)
     del runner
     memory = measure_peak_memory(backend.name, model_file, sample, threads)
     runtime = proxy or f"{backend.runtime_package} {shared.toolchain.get(backend.runtime_package, '?')}"
-    measured = Measured(model=what, runtime=runtime, proxy=proxy, accuracy=None, latency=latency, size=size_of(files, root), peak_memory=memory)
+    measured = Measured(model=what, runtime=runtime, proxy=proxy, accuracy=None, latency=latency,
+                        latency_by_shape=by_shape, size=size_of(files, root), peak_memory=memory)
     return measured, outputs
 
 

@@ -21,37 +21,67 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSource(Strict):
-    """``path`` is ``file.py:factory`` (returns an nn.Module), a ``.pt2`` (torch.export) or an ``.onnx`` file."""
+HF_TASKS = ("text-classification", "feature-extraction", "image-classification")
 
-    path: str
+
+class ModelSource(Strict):
+    """``path`` is ``file.py:factory`` (returns an nn.Module), a ``.pt2`` (torch.export) or an ``.onnx``
+    file; or ``hf`` is a local Hugging Face folder (config + weights) loaded with transformers for ``task``."""
+
+    path: str | None = None
     weights: str | None = None
+    hf: str | None = Field(default=None, description="local Hugging Face model folder (never downloaded)")
+    task: Literal["text-classification", "feature-extraction", "image-classification"] | None = None
+    state_inputs: list[str] = Field(default_factory=list,
+                                    description="recurrent state inputs (e.g. h0), fed from the data sources")
 
     @property
-    def kind(self) -> Literal["callable", "pt2", "onnx"]:
+    def kind(self) -> Literal["callable", "pt2", "onnx", "hf"]:
+        if self.hf is not None:
+            return "hf"
         if self.path.endswith(".onnx"):
             return "onnx"
         if self.path.endswith(".pt2"):
             return "pt2"
         return "callable"
 
+    @property
+    def location(self) -> str:
+        """The source as written in the project file."""
+        return self.hf if self.hf is not None else self.path
+
     @field_validator("path")
     @classmethod
-    def _check_path(cls, v: str) -> str:
-        if not (v.endswith((".onnx", ".pt2")) or re.match(r"^.+\.py:[A-Za-z_]\w*$", v)):
+    def _check_path(cls, v: str | None) -> str | None:
+        if v is not None and not (v.endswith((".onnx", ".pt2")) or re.match(r"^.+\.py:[A-Za-z_]\w*$", v)):
             raise ValueError("expected 'file.py:factory', a '.pt2' file or an '.onnx' file")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' (file.py:factory, .pt2, .onnx) and 'hf' (a local folder)")
+        if self.hf is not None:
+            if self.task is None:
+                raise ValueError(f"'hf' needs 'task', one of: {', '.join(HF_TASKS)}")
+            if self.weights is not None:
+                raise ValueError("'weights' is for file.py:factory models; an 'hf' folder holds its own weights")
+        elif self.task is not None:
+            raise ValueError("'task' goes with 'hf' (a Hugging Face folder)")
+        if self.state_inputs and self.kind not in ("onnx", "callable", "pt2"):
+            raise ValueError("state_inputs is for recurrent ONNX or PyTorch models")
+        return self
 
 
 class InputSpec(Strict):
     name: str
     shape: list[int | str]
-    dtype: str = "float32"
+    dtype: str | None = Field(default=None, description="default: read from an ONNX file, else float32")
 
     @field_validator("dtype")
     @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
             raise ValueError(f"unknown dtype '{v}' (known: {', '.join(DTYPES)})")
         return v
 
@@ -66,7 +96,35 @@ class InputSpec(Strict):
         return v
 
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, tuple(self.shape), self.dtype)
+        return TensorSpec(self.name, tuple(self.shape), self.dtype or "float32")
+
+
+class DimSpec(Strict):
+    """A symbolic dimension other than ``batch`` (e.g. ``sequence``): its range, and the sizes at
+    which latency is measured. Backends that need static shapes (TensorRT profiles) read min/opt/max."""
+
+    min: int = Field(default=1, gt=0)
+    opt: int | None = Field(default=None, gt=0, description="default: max")
+    max: int | None = Field(default=None, gt=0, description="for text models: the longest token sequence accepted")
+    measure: list[int] = Field(default_factory=list, description="representative sizes latency is reported at")
+
+    @model_validator(mode="after")
+    def _order(self) -> "DimSpec":
+        if self.max is not None:
+            if self.min > self.max or (self.opt is not None and not self.min <= self.opt <= self.max):
+                raise ValueError("need min <= opt <= max")
+            bad = [m for m in self.measure if not self.min <= m <= self.max]
+            if bad:
+                raise ValueError(f"measure sizes {bad} are outside min..max ({self.min}..{self.max})")
+        if any(m <= 0 for m in self.measure):
+            raise ValueError("measure sizes must be positive")
+        return self
+
+    def range(self) -> dict[str, int] | None:
+        """``{min, opt, max}`` when a max is declared."""
+        if self.max is None:
+            return None
+        return {"min": self.min, "opt": self.opt or self.max, "max": self.max}
 
 
 class Preprocess(Strict):
@@ -88,11 +146,15 @@ class Preprocess(Strict):
 
 
 class DataSource(Strict):
-    """``source``: an ``.npz`` file, an image folder, or ``file.py:function`` yielding samples."""
+    """``source``: an ``.npz`` file, an image folder, ``file.py:function`` yielding samples, or (for
+    text models) a ``.csv`` / ``.jsonl`` file with a text column and an optional label column."""
 
     source: str
     samples: int | None = Field(default=None, gt=0)
     seed: int = 0
+    text_column: str = Field(default="text", description="for .csv/.jsonl sources: the column holding the text")
+    label_column: str | None = Field(default=None,
+                                     description="for .csv/.jsonl sources: the label column (default: 'label' if present)")
 
 
 class Calibration(DataSource):
@@ -146,7 +208,9 @@ class Project(Strict):
     name: str
     version: str
     model: ModelSource
-    inputs: list[InputSpec] = Field(min_length=1)
+    inputs: list[InputSpec] | None = Field(default=None, min_length=1,
+                                           description="required for PyTorch sources; read from ONNX and hf sources")
+    dims: dict[str, DimSpec] = Field(default_factory=dict, description="symbolic dims other than batch")
     outputs: list[str] | None = None
     preprocess: Preprocess | None = None
     labels: list[str] | str | None = None
@@ -177,12 +241,30 @@ class Project(Strict):
     def _model_shorthand(cls, v: object) -> object:
         return {"path": v} if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _inputs_needed(self) -> "Project":
+        if self.inputs is None and self.model.kind in ("callable", "pt2"):
+            raise ValueError("'inputs' is required for a PyTorch model (name, shape, dtype of each input); "
+                             "it is read from the file only for .onnx and hf sources")
+        if self.inputs is not None and self.model.state_inputs:
+            missing = sorted(set(self.model.state_inputs) - {i.name for i in self.inputs})
+            if missing:
+                raise ValueError(f"model.state_inputs {missing} are not among 'inputs'")
+        return self
+
     def resolve(self, rel: str) -> Path:
         p = Path(rel).expanduser()
         return p if p.is_absolute() else (self.root / p)
 
     def input_specs(self) -> list[TensorSpec]:
+        if not self.inputs:
+            raise ConfigError(f"{self.root / PROJECT_FILE}: key 'inputs' is required for model.path {self.model.path}",
+                              hint="list each input: {name: image, shape: [batch, 3, 224, 224], dtype: float32}")
         return [i.spec() for i in self.inputs]
+
+    def dim_ranges(self) -> dict[str, dict[str, int]]:
+        """min/opt/max of each symbolic dim that declares a max (for static-shape backends)."""
+        return {k: r for k, d in self.dims.items() if (r := d.range()) is not None}
 
     def label_names(self) -> list[str] | None:
         if self.labels is None or isinstance(self.labels, list):

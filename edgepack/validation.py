@@ -65,6 +65,8 @@ def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
     v = manifest.validation
     if not v.holdout_file:
         return None
+    if v.holdout_file.endswith(".jsonl"):
+        return _text_holdout(runner, bundle_root, manifest)
     data = np.load(bundle_root / v.holdout_file)
     names = [i["name"] for i in manifest.runtime.inputs]
     labels = data["labels"]
@@ -72,6 +74,31 @@ def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
                   for i in range(len(labels)))
     return {"metric": "top1", "value": round(100.0 * correct / len(labels), 3), "samples": int(len(labels)),
             "note": "labelled holdout shipped in the bundle (a subset of the build's evaluation set)"}
+
+
+def _text_holdout(runner, bundle_root: Path, manifest) -> dict[str, Any]:
+    """Labelled raw texts, tokenized here with the bundle's own tokenizer.json (no torch, no transformers).
+    The golden inputs were tokenized at build time from the first of these texts: their ids must match."""
+    from edgepack.text import TextEncoder, TextSpec
+
+    v = manifest.validation
+    encoder = TextEncoder(TextSpec.from_json(manifest.text), bundle_root)
+    rows = [json.loads(line) for line in (bundle_root / v.holdout_file).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    golden = np.load(bundle_root / v.inputs_file)
+    names = [i["name"] for i in manifest.runtime.inputs]
+    same, correct = 0, 0
+    for i, row in enumerate(rows):
+        feeds = encoder.encode(row["text"], f"{v.holdout_file} line {i + 1}")
+        if i < v.samples:
+            same += int(all(np.array_equal(feeds[k], golden[k][i : i + 1]) for k in names))
+        correct += int(np.argmax(runner.run(feeds)[0].reshape(-1)) == int(row["label"]))
+    n_check = min(v.samples, len(rows))
+    return {"metric": "top1", "value": round(100.0 * correct / len(rows), 3), "samples": len(rows),
+            "tokenizer_check": {"identical_ids": same, "of": n_check, "passed": same == n_check,
+                                "how": "holdout texts re-tokenized on this machine vs the golden inputs "
+                                       "tokenized at build time"},
+            "note": "labelled evaluation texts shipped in the bundle, tokenized with the bundled tokenizer.json"}
 
 
 def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None,
@@ -112,12 +139,17 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         "golden": golden,
         "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None} if holdout else None,
         "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},
-        "passed": golden["passed"],
+        "passed": golden["passed"] and (holdout or {}).get("tokenizer_check", {}).get("passed", True),
         "runtime_notes": list(getattr(runner, "notes", [])),
     }
     report = report or bundle.with_name(bundle.name + ".validation.json")
     report.write_text(json.dumps(result, indent=2) + "\n")
     result["report"] = str(report)
+    if golden["passed"] and not result["passed"]:
+        check = holdout["tokenizer_check"]
+        raise ValidationError(f"{bundle}: the bundled tokenizer gives other token ids than at build time "
+                              f"({check['identical_ids']} of {check['of']} texts identical)",
+                              hint=f"check the 'tokenizers' version against the manifest's toolchain; details in {report}")
     if not golden["passed"]:
         raise ValidationError(
             f"{bundle}: outputs differ from the recorded ones: {golden['within_tolerance']:.1%} of samples within "

@@ -14,6 +14,9 @@ from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
 
 
+TRANSFORMER_OPS = ["MatMul", "Gemm", "Conv"]
+
+
 class ORTRunner:
     def __init__(self, ort: Any, path: Path, threads: int):
         so = ort.SessionOptions()
@@ -59,22 +62,31 @@ class ONNXRuntimeBackend(Backend):
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / "model.onnx"
         if target.precision == "fp32":
-            shutil.copyfile(model.path, out)
+            files = []
+            for f in model.all_files:  # the model and its external data, same relative names
+                dst = workdir / f.relative_to(model.path.parent)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                files.append(Path(shutil.copyfile(f, dst)))
+            out = workdir / model.path.name
             return model.derive("compile", {"backend": self.name, "precision": "fp32"}, started,
-                                path=out, files=(out,), precision="fp32")
+                                path=out, files=tuple(files), precision="fp32")
         self._import("onnxruntime.quantization", "ONNX Runtime quantization")
         from edgepack.stages import quantize_qdq
 
         qc = target.quantization
         src = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx") if options.preprocess else model.path
+        # transformers: only the weighted ops; attention masks (finfo.min) and softmax stay in float
+        op_types = TRANSFORMER_OPS if model.details.get("model_type") == "transformer" else None
         quantize_qdq.quantize(src, out, calibration, qc.calibration_method, workdir,
                               activation_type=qc.activation_type, symmetric_activations=qc.symmetric_activations,
-                              per_channel=qc.per_channel, exclude=qc.keep_float,
+                              per_channel=qc.per_channel, exclude=qc.keep_float, op_types=op_types,
                               reduce_range=options.reduce_range)
         (workdir / "preprocessed.onnx").unlink(missing_ok=True)
         cfg = {"backend": self.name, "precision": "int8", "tool": "onnxruntime.quantization.quantize_static",
                "format": "qdq", "kept_in_float": list(qc.keep_float), "activations": qc.activation_type, "weights": qc.weight_type,
                "per_channel": qc.per_channel, "symmetric_activations": qc.symmetric_activations,
                "calibration_method": qc.calibration_method, "calibration_samples": len(calibration),
-               "calibration_fingerprint": calibration.fingerprint}
-        return model.derive("compile", cfg, started, path=out, files=(out,), precision="int8")
+               "calibration_fingerprint": calibration.fingerprint,
+               "quantized_op_types": op_types or "all ops ONNX Runtime quantizes"}
+        return model.derive("compile", cfg, started, path=out, files=tuple(quantize_qdq.model_files(out)),
+                            precision="int8")

@@ -75,6 +75,7 @@ class OpenVINOBackend(Backend):
 
             estimator = getattr(RangeEstimatorParametersSet, RANGE_ESTIMATORS[qc.calibration_method])
             ignored, missing = _ignored_names(ov_model, qc.keep_float)
+            transformer = model.details.get("model_type") == "transformer"
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _quiet_nncf():
                     ov_model = nncf.quantize(
@@ -83,6 +84,7 @@ class OpenVINOBackend(Backend):
                         preset=(nncf.QuantizationPreset.PERFORMANCE if options.preset == "performance"
                                 else nncf.QuantizationPreset.MIXED),
                         subset_size=len(calibration),
+                        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
                         fast_bias_correction=options.fast_bias_correction,
                         ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
                         advanced_parameters=AdvancedQuantizationParameters(
@@ -96,6 +98,7 @@ class OpenVINOBackend(Backend):
                         "per_channel_weights": True, "calibration_method": qc.calibration_method,
                         "range_estimator": f"nncf RangeEstimatorParametersSet.{RANGE_ESTIMATORS[qc.calibration_method]}",
                         "kept_in_float": list(qc.keep_float), "kept_not_found": missing,
+                        "model_type": "transformer" if transformer else "default",
                         "fast_bias_correction": options.fast_bias_correction,
                         "calibration_samples": len(calibration),
                         "calibration_fingerprint": calibration.fingerprint})

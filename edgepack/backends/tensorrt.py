@@ -77,9 +77,10 @@ def optimization_profile(inputs: tuple[TensorSpec, ...], max_batch: int,
         missing = [d for d in spec.shape if isinstance(d, str) and d not in ranges]
         if missing:
             raise ConfigError(
-                f"input '{spec.name}' has dynamic dim(s) {missing} but the TensorRT profile has no optimization "
-                "profile for them",
-                hint="add backend_options.dynamic_dims: {NAME: {min: .., opt: .., max: ..}} to the target profile",
+                f"input '{spec.name}' has dynamic dim(s) {missing} but neither the target profile nor the project "
+                "gives their range (TensorRT builds engines for static shape ranges)",
+                hint=f"declare dims: {{{missing[0]}: {{min: 1, opt: 128, max: 128}}}} in edgepack.yaml, or "
+                     "backend_options.dynamic_dims in the target profile",
             )
         prof[spec.name] = {k: [getattr(ranges[d], k) if isinstance(d, str) else d for d in spec.shape]
                            for k in ("min", "opt", "max")}
@@ -159,7 +160,9 @@ class TensorRTBackend(Backend):
         if options.dla_core is not None and options.dla_core >= target.device.dla_cores:
             raise ConfigError(f"{target.source}: backend_options.dla_core {options.dla_core} but the device has "
                               f"{target.device.dla_cores} DLA core(s)")
-        prof = optimization_profile(model.inputs, options.max_batch, options.dynamic_dims)
+        # ranges from the project file (dims.NAME min/opt/max); the target profile's own override them
+        project_dims = {k: DimRange(**v) for k, v in model.details.get("dim_ranges", {}).items()}
+        prof = optimization_profile(model.inputs, options.max_batch, {**project_dims, **options.dynamic_dims})
         # fail fast on the FP32 graph, before calibration; the output is checked again below
         self._check_model(onnx.load(str(model.path), load_external_data=False), trt_version, target)
         files = [out]

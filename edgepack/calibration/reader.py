@@ -19,6 +19,7 @@ import numpy as np
 from edgepack import preprocess as pp
 from edgepack.artifact import TensorSpec
 from edgepack.errors import CalibrationError, ConfigError, ModelError
+from edgepack.text import TEXT_SUFFIXES, label_ids, read_table
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -30,6 +31,7 @@ class SampleSet:
     samples: list[dict[str, np.ndarray]]
     labels: list[int] | None
     source: str
+    texts: list[str] | None = None  # the raw texts, for text sources (shipped as the bundle's holdout)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -78,9 +80,15 @@ def load_samples(
     seed: int,
     labels: list[str] | None = None,
     role: str = "calibration",
+    text: Any = None,
+    text_column: str = "text",
+    label_column: str | None = None,
 ) -> SampleSet:
-    """Read ``source`` (relative to ``root``), pick ``samples`` of them with ``seed``, check each."""
+    """Read ``source`` (relative to ``root``), pick ``samples`` of them with ``seed``, check each.
+
+    ``text`` (a :class:`edgepack.text.TextEncoder`) tokenizes ``.csv``/``.jsonl`` text sources."""
     where = f"{role}.source"
+    texts = None
     if ":" in source and source.split(":")[0].endswith(".py"):
         xs, ys = _from_callable(source, root, inputs, where)
     else:
@@ -91,25 +99,43 @@ def load_samples(
             xs, ys = _from_image_folder(path, inputs, preprocess, labels, where)
         elif path.suffix == ".npz":
             xs, ys = _from_npz(path, inputs, preprocess, where)
+        elif path.suffix in TEXT_SUFFIXES:
+            if text is None:
+                raise ConfigError(f"{where}: {path.name} is a text file, but the model takes no text",
+                                  hint="text sources need a text model (model.hf with task text-classification "
+                                       "or feature-extraction)")
+            texts, raw = read_table(path, text_column, label_column, where)
+            ys = label_ids(raw, labels, f"{where} {path.name}") if raw is not None else None
+            xs = None
         else:
-            raise ConfigError(f"{where}: {path.name} is not an .npz file, an image folder or file.py:function")
-    if not xs:
+            raise ConfigError(f"{where}: {path.name} is not an .npz file, an image folder, a .csv/.jsonl text "
+                              "file or file.py:function")
+    n_all = len(texts) if texts is not None else len(xs)
+    if not n_all:
         raise CalibrationError(f"{role} data from {source} is empty", hint="give at least one sample")
-    if ys is not None and len(ys) != len(xs):
-        raise CalibrationError(f"{role} data from {source}: {len(xs)} samples but {len(ys)} labels")
-    if samples is not None and samples < len(xs):
-        idx = np.sort(np.random.default_rng(seed).choice(len(xs), size=samples, replace=False))
-        xs = [xs[i] for i in idx]
+    if ys is not None and len(ys) != n_all:
+        raise CalibrationError(f"{role} data from {source}: {n_all} samples but {len(ys)} labels")
+    if samples is not None and samples < n_all:
+        idx = np.sort(np.random.default_rng(seed).choice(n_all, size=samples, replace=False))
+        if texts is not None:
+            texts = [texts[i] for i in idx]
+        else:
+            xs = [xs[i] for i in idx]
         ys = [ys[i] for i in idx] if ys is not None else None
+    if texts is not None:
+        xs = [text.encode(t, f"{where}: {source} text {i + 1}") for i, t in enumerate(texts)]
     for i, x in enumerate(xs):
         check_sample(x, inputs, f"{role} sample {i} from {source}")
-    return SampleSet(xs, ys, source)
+    return SampleSet(xs, ys, source, texts)
 
 
 def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: str) -> None:
     names = {t.name for t in inputs}
     if set(sample) != names:
-        raise CalibrationError(f"{what} has inputs {sorted(sample)}, the model takes {sorted(names)}")
+        missing = sorted(names - set(sample))
+        hint = (f"store an array for each input, named after it ({', '.join(missing)} missing); recurrent state "
+                "inputs (model.state_inputs) are fed from the data like any other input") if missing else None
+        raise CalibrationError(f"{what} has inputs {sorted(sample)}, the model takes {sorted(names)}", hint=hint)
     for t in inputs:
         a = sample[t.name]
         if str(a.dtype) != t.dtype:
@@ -147,6 +173,13 @@ def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str
         if any(len(data[k]) != n for k in names):
             raise CalibrationError(f"{where}: arrays in {path.name} have different lengths")
         return [{k: data[k][i : i + 1] for k in names} for i in range(n)], labels
+    present = [n for n in names if n in keys]
+    if present:
+        missing = [n for n in names if n not in keys]
+        raise CalibrationError(
+            f"{where}: {path.name} has arrays for {present} but none for input(s) {missing}",
+            hint="save one array per input, named after it; recurrent state inputs (model.state_inputs, e.g. an "
+                 "initial hidden state) come from the data like any other input")
     if "images" in keys:
         if pre is None:
             raise ConfigError(

@@ -16,7 +16,9 @@ version: 0.1.0               # semantic version of the model you ship
 
 model:
   # a PyTorch factory `file.py:function` returning an nn.Module (plus optional weights),
-  # a torch.export `.pt2` file, or an `.onnx` file
+  # a torch.export `.pt2` file, or an `.onnx` file (its inputs are then read from the file);
+  # or instead of path: `hf: folder` + `task: text-classification|feature-extraction|image-classification`
+  # for a local Hugging Face folder (inputs, labels, tokenizer or preprocessing read from it)
   path: model.py:build
   weights: weights.pt        # optional state_dict for the factory's module
 

@@ -66,22 +66,25 @@ def example_inputs(specs: list[TensorSpec], batch: int = 1, dims: dict[str, int]
         except KeyError as e:
             raise ModelError(
                 f"inputs: '{s.name}' has symbolic dim {e} with no representative size",
-                hint="use a fixed size for every dim except 'batch'",
+                hint=f"declare it under dims in edgepack.yaml, e.g. dims: {{{e.args[0]}: {{max: 128}}}}, "
+                     "or use a fixed size",
             ) from None
         dtype = getattr(torch, s.dtype)
         if dtype.is_floating_point:
             out.append(torch.randn(shape, generator=gen).to(dtype))
         else:
-            out.append(torch.zeros(shape, dtype=dtype))
+            # ones, not zeros: a valid index for embeddings, and an all-zero attention mask (every token
+            # masked) is a degenerate input on which runtimes legitimately disagree
+            out.append(torch.ones(shape, dtype=dtype))
     return tuple(out)
 
 
-def check_forward(module: Any, specs: list[TensorSpec]) -> int:
+def check_forward(module: Any, specs: list[TensorSpec], dims: dict[str, int] | None = None) -> int:
     """Run the module once on the declared shapes; return the number of outputs."""
     torch = require_torch()
     with torch.no_grad():
         try:
-            out = module(*example_inputs(specs))
+            out = module(*example_inputs(specs, dims=dims))
         except Exception as e:
             shapes = ", ".join(f"{s.name}{s.shape_str}" for s in specs)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -42,3 +42,35 @@ def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: in
                 "timed": timed},
         "where": host_info(),
     }
+
+
+def resize_along(sample: dict[str, np.ndarray], shapes: dict[str, tuple], dim: str, size: int) -> dict[str, np.ndarray]:
+    """``sample`` with every axis named ``dim`` cut, or zero-padded, to ``size``."""
+    out = {}
+    for name, a in sample.items():
+        for axis, d in enumerate(shapes.get(name, ())):
+            if d == dim:
+                if a.shape[axis] >= size:
+                    a = np.take(a, np.arange(size), axis=axis)
+                else:
+                    pad = [(0, 0)] * a.ndim
+                    pad[axis] = (0, size - a.shape[axis])
+                    a = np.pad(a, pad)
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+def latency_at_shapes(runner, sample: dict[str, np.ndarray], project, m, threads: int) -> list[dict] | None:
+    """Latency at each representative size the project declares for a symbolic dim (``dims.NAME.measure``),
+    e.g. text at 32 and 128 tokens. None when no dim declares sizes."""
+    shapes = {i.name: tuple(i.shape) for i in project.inputs or []}
+    rows = []
+    for dim, spec in project.dims.items():
+        for size in spec.measure:
+            feed = resize_along(sample, shapes, dim, size)
+            lat = measure_latency(runner, feed, max(1, m.warmup_runs // 2), max(10, m.runs // 2),
+                                  max(1.0, m.max_seconds / 2), threads)
+            rows.append({"dims": {dim: size}, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"],
+                         "p99_ms": lat["p99_ms"], "runs": lat["how"]["runs"],
+                         "input": f"the latency input cut or zero-padded along '{dim}' to {size}"})
+    return rows or None

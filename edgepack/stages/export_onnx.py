@@ -23,11 +23,14 @@ TWO_GB = 2 * 1024**3
 
 
 def export(module: Any, inputs: list[TensorSpec], output_names: list[str], out_dir: Path,
-           max_opset: int | None = None, source_digest: str | None = None) -> ModelArtifact:
+           max_opset: int | None = None, source_digest: str | None = None, dims: dict[str, Any] | None = None,
+           external_threshold: int | None = None) -> ModelArtifact:
     """Export with the dynamo exporter (opset 18+), or TorchScript when the target caps opset below 18.
 
-    Symbolic dims (``batch`` ...) become dynamic axes. Weights are kept inside the file unless the
-    model is over 2 GB (protobuf's limit), where ``model.onnx.data`` is written beside it.
+    Symbolic dims (``batch`` ...) become dynamic axes; ``dims`` (the project's ``DimSpec`` per name)
+    gives their range and the size traced with. Weights are kept inside the file unless the model is
+    over 2 GB (protobuf's limit; ``external_threshold`` overrides it), where ``model.onnx.data`` is
+    written beside it.
     """
     torch = require_torch()
     onnx = require_onnx()
@@ -37,17 +40,28 @@ def export(module: Any, inputs: list[TensorSpec], output_names: list[str], out_d
     use_dynamo = max_opset is None or max_opset >= DEFAULT_OPSET
     target_opset = DEFAULT_OPSET if max_opset is None else min(max_opset, DEFAULT_OPSET)
     n_params = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = n_params >= TWO_GB
+    external = n_params >= (TWO_GB if external_threshold is None else external_threshold)
+    dims = dims or {}
+    sizes = {k: d.opt or d.max or (max(d.measure) if d.measure else None) for k, d in dims.items()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
     # batch 2 for tracing, so that the exporter does not specialise a dynamic batch of 1
-    args = example_inputs(inputs, batch=2)
+    args = example_inputs(inputs, batch=2, dims=sizes)
     in_names = [s.name for s in inputs]
     log = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             if use_dynamo:
+                made: dict[str, Any] = {}
+
+                def dim(name: str) -> Any:
+                    if name not in made:
+                        spec = dims.get(name)
+                        made[name] = torch.export.Dim(name, min=1, max=spec.max if spec and spec.max else None)
+                    return made[name]
+
                 dyn = tuple(
-                    {i: torch.export.Dim(str(d), min=1) for i, d in enumerate(s.shape) if isinstance(d, str)} or None
+                    {i: dim(str(d)) for i, d in enumerate(s.shape) if isinstance(d, str)} or None
                     for s in inputs
                 )
                 torch.onnx.export(
@@ -70,27 +84,28 @@ def export(module: Any, inputs: list[TensorSpec], output_names: list[str], out_d
     _, outs = tensor_specs(model)
     files = tuple([path] + sorted(out_dir.glob("model.onnx*.data")) + sorted(out_dir.glob("*.onnx.data")))
     files = tuple(dict.fromkeys(files))
-    max_err = _check_against_torch(module, path, inputs)
+    max_err = _check_against_torch(module, path, inputs, sizes)
     art = ModelArtifact(ModelFormat.ONNX, path, tuple(inputs), tuple(outs), files, precision="fp32",
                         details={"opset": read_opset(model)})
     record = StageRecord(
         "export_onnx",
         {"exporter": "dynamo" if use_dynamo else "torchscript", "opset": read_opset(model),
-         "external_data": external, "torch": torch.__version__, "max_abs_diff_vs_torch": max_err},
+         "external_data": len(files) > 1, "dynamic_dims": sorted({str(d) for s in inputs for d in s.shape
+                                                                   if isinstance(d, str)}), "torch": torch.__version__, "max_abs_diff_vs_torch": max_err},
         source_digest, art.digest, time.perf_counter() - started,
     )
     return ModelArtifact(art.format, art.path, art.inputs, art.outputs, art.files, (record,), art.precision,
                          art.details)
 
 
-def _check_against_torch(module: Any, path: Path, inputs: list[TensorSpec]) -> float:
+def _check_against_torch(module: Any, path: Path, inputs: list[TensorSpec], dims: dict[str, int]) -> float:
     """Largest absolute difference between torch and ONNX Runtime outputs on one random batch."""
     torch = require_torch()
     try:
         import onnxruntime as ort
     except ImportError:
         return float("nan")
-    args = example_inputs(inputs, batch=1)
+    args = example_inputs(inputs, batch=1, dims=dims)
     with torch.no_grad():
         ref = module(*args)
     ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]

@@ -15,11 +15,36 @@ from edgepack.errors import ToolchainError
 
 
 def preprocess(src: Path, dst: Path) -> Path:
-    """Shape inference and graph optimisation ONNX Runtime recommends before quantizing."""
+    """Shape inference and graph optimisation ONNX Runtime recommends before quantizing.
+
+    ONNX Runtime's symbolic shape inference asserts on some graphs exported by other frameworks
+    (Paddle's Concat of shapes); ONNX's own shape inference is used for those instead. Models over
+    2 GB keep their weights in an external-data file."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    external = _needs_external_data(src)
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False, save_as_external_data=external)
+    except Exception:  # noqa: BLE001 - the symbolic pass raises AssertionError and others
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external)
     return dst
+
+
+TWO_GB = 2 * 1024**3
+
+
+def _needs_external_data(path: Path) -> bool:
+    """True when the model and its external data together reach protobuf's 2 GB limit."""
+    return sum(p.stat().st_size for p in model_files(path)) >= TWO_GB
+
+
+def model_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files its initializers point to."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locs = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    return [path] + [path.parent / loc for loc in locs if (path.parent / loc).is_file()]
 
 
 def quantize(src: Path, out: Path, calibration: Any, method: str, workdir: Path, *, activation_type: str = "int8",
@@ -43,6 +68,7 @@ def quantize(src: Path, out: Path, calibration: Any, method: str, workdir: Path,
                 weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude or []),
                 calibrate_method=_ort_method(q, method), calibration_cache_path=ort_file,
                 extra_options={"ActivationSymmetric": symmetric_activations, **(extra or {})},
+                use_external_data_format=_needs_external_data(src),
             )
     except Exception as e:
         (workdir / "quantize.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")

@@ -132,8 +132,20 @@ def test_dynamic_dim_without_profile_is_an_error(tiny, tmp_path):
     from dataclasses import replace
 
     dynamic = replace(tiny, inputs=(TensorSpec("x", ("batch", 3, "height", 16), "float32"),))
-    with pytest.raises(ConfigError, match=r"dynamic dim\(s\) \['height'\].*no optimization profile"):
+    with pytest.raises(ConfigError, match=r"dynamic dim\(s\) \['height'\].*neither the target profile nor the project") as e:
         compile_for(dynamic, tmp_path)
+    assert "dims: {height: {min: 1" in e.value.hint and "backend_options.dynamic_dims" in e.value.hint
+
+
+def test_dynamic_dim_range_from_the_project_file(tiny, tmp_path):
+    """A range the project declares (dims.NAME, carried in the artifact) makes the optimization profile."""
+    from dataclasses import replace
+
+    dynamic = replace(tiny, inputs=(TensorSpec("x", ("batch", 3, "height", 16), "float32"),),
+                      details={**tiny.details, "dim_ranges": {"height": {"min": 16, "opt": 16, "max": 32}}})
+    compiled = compile_for(dynamic, tmp_path)
+    cfg = json.loads((compiled.path.parent / "builder.json").read_text())
+    assert cfg["optimization_profiles"][0]["x"]["max"] == [8, 3, 32, 16]
 
 
 def test_dynamic_dim_with_a_profile_range():
