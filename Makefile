@@ -4,6 +4,7 @@
 #   make example-efficientnet  pretrained EfficientNet-Lite0, `cpu` and `onnx`
 #   make test                  set up, run the test suite (without the `slow` tests)
 #   make test-slow             the `slow` tests: both examples above end to end
+#   make toolchains            the isolated onnx2tf environment (ONNX -> TFLite; its test skips without it)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -12,7 +13,7 @@ EXTRAS  ?= onnx,openvino,tflite,hf,dev
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup example example-text example-efficientnet example-deps test test-slow fashion-data clean
+.PHONY: setup example example-text example-efficientnet example-deps test test-slow toolchains fashion-data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +51,11 @@ test: setup
 
 test-slow: example-deps
 	$(BIN)/python -m pytest -m slow
+
+# onnx2tf pins TensorFlow 2.19 and numpy<2: it gets its own environment (~1.5 GB), made once
+toolchains: setup
+	$(BIN)/python -c "import sys; from edgepack.toolchains import executable; sys.exit(executable('onnx2tf') is None)" \
+	  || $(BIN)/edgepack toolchain install onnx2tf
 
 clean:
 	rm -rf $(VENV) examples/*/dist examples/*/data examples/*/weights.pt examples/*/model
