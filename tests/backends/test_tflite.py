@@ -126,17 +126,12 @@ def test_dynamic_range_level_reports_its_float_ops(program, tmp_path):
     assert "dynamic range" in ops["CONV_2D"]["why"]
 
 
-def test_bad_options_and_onnx_input_are_refused(program, tmp_path):
+def test_bad_options_are_refused():
     backend = get_backend("tflite")
     with pytest.raises(ConfigError, match="unknown backend option 'io_type'"):
         backend.options({"io_type": "int8"}, "android-arm64.yaml: backend_options")
     with pytest.raises(ConfigError, match="io_dtype"):
         backend.options({"io_dtype": "uint8"}, "android-arm64.yaml: backend_options")
-    from tests.backends.contract import tiny_onnx
-
-    onnx_art = tiny_onnx(tmp_path / "onnx")
-    with pytest.raises(ConfigError, match="converts from the PyTorch model"):
-        _compile(onnx_art, tmp_path)
 
 
 def test_symbolic_dims_need_a_static_size():
