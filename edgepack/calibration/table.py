@@ -66,6 +66,7 @@ def _trt_version_number(version: str) -> int:
 # Settings that make each method what its name says. Entropy needs many more histogram bins than
 # quantized bins, or it degenerates to min/max (ONNX Runtime's defaults are 128 and 128); TensorRT's
 # entropy calibrator uses 2048 and 128.
+CALIBRATION_CHUNK = 16
 METHOD_OPTIONS: dict[str, dict] = {
     "minmax": {},
     "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
@@ -89,13 +90,18 @@ def fit_ranges(onnx_path: Path, samples, method: str, workdir: Path) -> tuple[Ca
                                    calibrate_method=methods[method], extra_options=METHOD_OPTIONS[method])
 
     class _Reader:
-        def __init__(self):
-            self.it = iter(list(samples))
+        def __init__(self, chunk):
+            self.it = iter(chunk)
 
         def get_next(self):
             return next(self.it, None)
 
-    calibrator.collect_data(_Reader())
+    # ONNX Runtime keeps every activation of every sample it is given until it folds them into its
+    # ranges/histograms; in chunks that is CHUNK samples' worth (a transformer at sequence 128 x 300
+    # samples would otherwise need tens of GB). Ranges merge and histograms accumulate across chunks.
+    items = list(samples)
+    for start in range(0, len(items), CALIBRATION_CHUNK):
+        calibrator.collect_data(_Reader(items[start:start + CALIBRATION_CHUNK]))
     data = calibrator.compute_data()
     ranges = {k: (float(np.asarray(v.range_value[0]).min()), float(np.asarray(v.range_value[1]).max()))
               for k, v in data.items()}
