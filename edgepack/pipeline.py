@@ -588,6 +588,7 @@ def _tuning_record(result: Any, ref_value: float, settings: dict[str, Any]) -> d
         "chosen": {"step": best.step, "calibration_method": best.method},
         "kept_in_higher_precision": [{"layer": n, "sensitivity": round(sens.get(n, float("nan")), 6)} for n in best.kept],
         "steps": [t.to_json(ref_value) for t in result.trials],
+        "failed_steps": list(result.failed),
         "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity],
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
                            "error of the model output vs FP32 on calibration samples",

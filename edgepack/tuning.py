@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.errors import ToolchainError
+
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SENSITIVITY_SAMPLES = 32
 
@@ -53,6 +55,7 @@ class TuningResult:
     trials: list[Trial]
     sensitivity: list[tuple[str, float]] = field(default_factory=list)
     stopped: str = ""
+    failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int = SENSITIVITY_SAMPLES,
@@ -106,11 +109,13 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
             return f"time cap ({max_minutes:g} min) reached"
         return ""
 
+    failed: list[dict[str, str]] = []
+
     def finish(stopped: str, sens=()) -> TuningResult:
         meeting = [t for t in trials if t.meets_budget]
         best = min(meeting, key=lambda t: (len(t.kept), -t.accuracy["value"])) if meeting else \
             max(trials, key=lambda t: t.accuracy["value"])
-        return TuningResult(best, trials, list(sens), stopped)
+        return TuningResult(best, trials, list(sens), stopped, failed)
 
     if plain.meets_budget:
         return finish("plain INT8 met the budget")
@@ -121,7 +126,12 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
         if stop := out_of_budget():
             return finish(stop)
         progress(f"calibration method {m}")
-        t = try_build(f"calibration {m}", m, [])
+        try:
+            t = try_build(f"calibration {m}", m, [])
+        except ToolchainError as e:  # a method the toolchain cannot fit on this model is skipped, and said
+            failed.append({"step": f"calibration {m}", "error": e.message})
+            progress(f"calibration method {m} failed: {e.message}")
+            continue
         trials.append(t)
         if t.meets_budget:
             return finish(f"calibration method {m} met the budget")

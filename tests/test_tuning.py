@@ -143,3 +143,25 @@ def test_few_calibration_samples_and_missing_classes_warn(project):
     [res] = build(project, ["onnx"], project / "dist")
     w = " | ".join(res.manifest.warnings)
     assert "only 40 calibration samples" in w and "cover 5 of 10 classes" in w and "missing: five" in w
+
+
+def test_a_calibration_method_the_toolchain_cannot_fit_is_skipped_and_recorded():
+    """ORT's histogram methods fail on tensors holding finfo.min (attention masks): the search goes on."""
+    from edgepack.errors import ToolchainError
+    from edgepack.tuning import Trial, search
+
+    def trial(step, method, kept, acc):
+        return Trial(step, method, kept, None, {"value": acc}, [], 1.0, 0.1, acc >= 90)
+
+    def try_build(step, method, kept):
+        if method == "entropy":
+            raise ToolchainError("ONNX Runtime quantization failed: Too many bins for data range.")
+        return trial(step, method, kept, 91.0 if method == "percentile" else 80.0)
+
+    notes: list[str] = []
+    result = search(trial("plain int8", "minmax", [], 80.0), ["minmax", "entropy", "percentile"], try_build,
+                    lambda: [], 1.0, 5, notes.append)
+    assert result.best.method == "percentile" and result.best.meets_budget
+    assert result.failed == [{"step": "calibration entropy",
+                              "error": "ONNX Runtime quantization failed: Too many bins for data range."}]
+    assert any("entropy failed" in n for n in notes)
