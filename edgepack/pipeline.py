@@ -309,12 +309,16 @@ def _compile_source(shared: _Shared, profile: TargetProfile, backend: Backend, o
                     workdir: Path, progress: Progress, which: str = "model") -> ModelArtifact:
     """What ``backend.compile`` reads: the exported ONNX, or for backends that convert from PyTorch a
     ``torch.export`` program of the same (pruned) module at static shapes."""
-    if backend.consumes == ModelFormat.ONNX or shared.project.model.kind == "onnx":
+    if backend.consumes == ModelFormat.ONNX:
         return onnx_art if which == "model" else shared.exports[("unpruned", profile.max_opset)]
     from edgepack.stages.export_torch import export_program, static_specs
 
-    dims = dict(getattr(options, "static_dims", {}) or {})
+    # static shapes: the project's dims (the data is padded to their max), then the profile's static_dims
+    dims = {k: v.max or v.opt for k, v in shared.project.dims.items() if (v.max or v.opt)}
+    dims.update(getattr(options, "static_dims", {}) or {})
     specs = static_specs(shared.project.input_specs(), 1, dims, f"target '{profile.name}' ({backend.name})")
+    if shared.project.model.kind == "onnx":  # converted by onnx2tf from the file, at these shapes
+        return replace(onnx_art, inputs=tuple(specs))
     key = ("torch", which, tuple(s.shape for s in specs))
     if key not in shared.exports:
         with _Stage(progress, f"export torch program{' (unpruned)' if which != 'model' else ''}") as st:

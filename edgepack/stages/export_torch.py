@@ -24,7 +24,7 @@ def static_specs(inputs: list[TensorSpec], batch: int = 1, dims: dict[str, int] 
         except KeyError as e:
             raise ConfigError(
                 f"input '{s.name}' has the symbolic dim '{e.args[0]}' ({s.shape_str}), but {who} needs a static shape",
-                hint=f"give '{e.args[0]}' a size: a number in the project's `inputs` shape, or "
+                hint=f"give '{e.args[0]}' a size: `dims: {{{e.args[0]}: {{max: N}}}}` in the project file, or "
                      f"`static_dims: {{{e.args[0]}: N}}` in the target profile's backend_options") from None
     return out
 
