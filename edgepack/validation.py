@@ -26,7 +26,8 @@ def tolerance_for(precision: str, outputs: list[list[np.ndarray]]) -> dict[str, 
     """
     first = np.concatenate([o[0].reshape(-1) for o in outputs]) if outputs else np.zeros(1)
     span = float(np.max(np.abs(first))) if first.size else 1.0
-    rel = {"int8": 0.05, "fp16": 0.01}.get(precision, 1e-3)
+    # integer levels (int8, int16x8, dynamic-int8) differ across ISAs by quantization steps
+    rel = 0.05 if "int" in precision else {"fp16": 0.01}.get(precision, 1e-3)
     return {"atol": round(max(1e-5, rel * span), 6), "rtol": rel,
             "min_top1_agreement": MIN_TOP1_AGREEMENT, "min_within_tolerance": MIN_WITHIN_TOLERANCE,
             "rule": "a sample is within tolerance when every output element has |got-ref| <= atol + rtol*|ref|; "
