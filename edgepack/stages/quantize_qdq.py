@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,31 @@ def preprocess(src: Path, dst: Path) -> Path:
     ONNX Runtime's symbolic shape inference asserts on some graphs exported by other frameworks
     (Paddle's Concat of shapes); ONNX's own shape inference is used for those instead. Models over
     2 GB keep their weights in an external-data file."""
+    import os
+
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     external = _needs_external_data(src)
+    src, dst = src.resolve(), dst.resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # ONNX Runtime writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data for models with external
+    # data) into the current directory: run it from a scratch folder of its own, removed afterwards
+    scratch = dst.parent / f".{dst.stem}-preprocess"
+    scratch.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(scratch)
     try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False, save_as_external_data=external)
-    except Exception:  # noqa: BLE001 - the symbolic pass raises AssertionError and others
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external)
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False, save_as_external_data=external)
+        except Exception:  # noqa: BLE001 - the symbolic pass raises AssertionError and others
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external)
+    finally:
+        os.chdir(cwd)
+    kept = {e.value for t in onnx.load(str(dst), load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "location"}
+    if not any((scratch / k).exists() for k in kept):  # the model's own data lives beside dst
+        shutil.rmtree(scratch, ignore_errors=True)
     return dst
 
 
