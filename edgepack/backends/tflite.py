@@ -90,8 +90,9 @@ class TFLiteRunner:
             kwargs["experimental_op_resolver_type"] = interp_mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with _captured(Path(os.devnull)):  # the runtime announces its XNNPACK delegate on stderr
             self.interpreter = interp_mod.Interpreter(**kwargs)
-        self.runner = self.interpreter.get_signature_runner(self.io.get("signature", SIGNATURE))
+            self.runner = self.interpreter.get_signature_runner(self.io.get("signature", SIGNATURE))
         self.input_names = [i["name"] for i in self.io["inputs"]]
+        self._ran = False
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The project's tensors in the model's own layout and dtype (what device code feeds)."""
@@ -105,6 +106,10 @@ class TFLiteRunner:
         return args
 
     def invoke(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._ran:  # the delegate is applied, and announced on stderr, at the first call
+            self._ran = True
+            with _captured(Path(os.devnull)):
+                return self.runner(**prepared)
         return self.runner(**prepared)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
