@@ -33,6 +33,20 @@ class ORTRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, feeds)
 
+    def prepare(self, feeds: dict[str, np.ndarray]) -> Any:
+        """Inputs and outputs bound to the session once (IOBinding); ``invoke`` then only runs it."""
+        binding = self.session.io_binding()
+        arrays = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        for name, a in arrays.items():
+            binding.bind_cpu_input(name, a)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        return binding, arrays  # the arrays stay referenced while the binding points at them
+
+    def invoke(self, prepared: Any) -> list[Any]:
+        self.session.run_with_iobinding(prepared[0])
+        return prepared[0].get_outputs()  # OrtValues, not copied
+
 
 class ONNXRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"

@@ -11,16 +11,29 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
 from edgepack.errors import ToolchainError
 
 
+_CORES: dict[int, Any] = {}
+
+
+def _core(ov: Any) -> Any:
+    """One OpenVINO Core per process, as OpenVINO intends: every Core keeps its own CPU thread pool, and
+    two models compiled on two Cores and run in turn contend for the cores (measured on a 2-core host:
+    0.18 ms per call against 0.11 ms for the same model when both share one Core)."""
+    if id(ov) not in _CORES:
+        _CORES[id(ov)] = ov.Core()
+    return _CORES[id(ov)]
+
+
 class OVRunner:
     def __init__(self, ov: Any, path: Path, threads: int):
-        core = ov.Core()
+        self.ov = ov
+        core = _core(ov)
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         self.compiled = core.compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
@@ -30,6 +43,17 @@ class OVRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.request.infer(feeds, share_inputs=True)
         return [self.request.get_output_tensor(i).data.copy() for i in range(self.n_outputs)]
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bind the inputs to the request once (as device code does); ``invoke`` then only runs it."""
+        bound = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        for name, a in bound.items():
+            self.request.set_tensor(name, self.ov.Tensor(a, shared_memory=True))
+        return bound
+
+    def invoke(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer()
+        return [self.request.get_output_tensor(i).data for i in range(self.n_outputs)]  # views, no copy
 
 
 class OpenVINOBackend(Backend):
@@ -43,6 +67,11 @@ class OpenVINOBackend(Backend):
         preset: Literal["performance", "mixed"] = "performance"
         fast_bias_correction: bool = True
         device: Literal["CPU"] = "CPU"
+        # OpenVINO's CPU plugin runs a static shape without shape inference and with its static
+        # kernels (the input's quantization fuses into a subgraph): measured 0.118 against 0.138 ms per
+        # call for the example CNN at batch 1 (2 threads). Other symbolic dims (a text's length) stay.
+        static_batch: bool = Field(default=True, description="fix the batch dim of the shipped IR to the "
+                                   "profile's measurement batch (false: keep it dynamic for batched serving)")
 
     def check_environment(self, compile: bool = True) -> dict[str, str]:
         ov = self._import("openvino", "OpenVINO runtime")
@@ -66,6 +95,10 @@ class OpenVINOBackend(Backend):
             raise ToolchainError(f"OpenVINO could not convert {model.path.name}: {e}") from e
         cfg: dict[str, Any] = {"backend": self.name, "precision": target.precision,
                                "tool": "openvino.convert_model", "device": options.device}
+        if options.static_batch:
+            fixed = _fix_batch(ov, ov_model, model.inputs, target.measurement.batch)
+            if fixed:
+                cfg["batch_fixed"] = {"batch": target.measurement.batch, "inputs": fixed}
         if target.precision == "int8":
             nncf = self._import("nncf", "NNCF quantization")
             qc = target.quantization
@@ -106,6 +139,24 @@ class OpenVINOBackend(Backend):
         files = (xml, xml.with_suffix(".bin"))
         return model.derive("compile", cfg, started, path=xml, files=files, format=self.produces,
                             precision=target.precision)
+
+
+def _fix_batch(ov: Any, ov_model: Any, specs: tuple, batch: int) -> list[str]:
+    """Reshape every input whose spec has a ``batch`` dim to that batch; returns their names."""
+    shapes = {}
+    for spec in specs:
+        if "batch" not in spec.shape:
+            continue
+        ps = ov_model.input(spec.name).get_partial_shape()
+        shapes[spec.name] = ov.PartialShape([ov.Dimension(batch) if d == "batch" else ps[i]
+                                             for i, d in enumerate(spec.shape)])
+    if shapes:
+        try:
+            ov_model.reshape(shapes)
+        except Exception as e:
+            raise ToolchainError(f"OpenVINO could not fix the batch dim to {batch}: {e}",
+                                 hint="set backend_options.static_batch: false in the target profile") from e
+    return sorted(shapes)
 
 
 # edgepack's method names -> NNCF's activation range estimators (NNCF has no entropy calibrator;

@@ -9,15 +9,33 @@ import numpy as np
 from edgepack.measure.host import host_info
 
 
-def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: int, max_seconds: float,
-                    threads: int) -> dict:
-    # a runner that converts inputs for its model (layout, int8 quantization) does that once, untimed:
-    # the figure is the model on its runtime, as device code that feeds the model's own format sees it
+def _call_of(runner, sample: dict[str, np.ndarray]):
+    """What is timed: a runner that converts inputs for its model (layout, int8 quantization) or binds
+    them to the runtime does that once, untimed, so the figure is the model on its runtime as device
+    code that feeds the model's own format sees it."""
     prepared = getattr(runner, "prepare", None)
     if prepared is not None:
-        feeds, call, timed = prepared(sample), runner.invoke, "the runtime call on inputs already in the model's format"
-    else:
-        feeds, call, timed = sample, runner.run, "the runner's run(), inputs as the project feeds them"
+        return prepared(sample), runner.invoke, "the runtime call on inputs already in the model's format"
+    return sample, runner.run, "the runner's run(), inputs as the project feeds them"
+
+
+def _stats(times: list[float], batch: int, how: dict) -> dict:
+    t = np.asarray(times)
+    p50 = float(np.percentile(t, 50))
+    return {
+        "p50_ms": round(p50, 4),
+        "p90_ms": round(float(np.percentile(t, 90)), 4),
+        "p99_ms": round(float(np.percentile(t, 99)), 4),
+        "mean_ms": round(float(t.mean()), 4),
+        "throughput_per_s": round(1000.0 * batch / p50, 2) if p50 > 0 else None,
+        "how": how,
+        "where": host_info(),
+    }
+
+
+def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: int, max_seconds: float,
+                    threads: int) -> dict:
+    feeds, call, timed = _call_of(runner, sample)
     for _ in range(warmup):
         call(feeds)
     times = []
@@ -28,20 +46,44 @@ def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: in
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > deadline and len(times) >= 10:
             break
-    t = np.asarray(times)
     batch = int(next(iter(sample.values())).shape[0])
-    p50 = float(np.percentile(t, 50))
-    return {
-        "p50_ms": round(p50, 4),
-        "p90_ms": round(float(np.percentile(t, 90)), 4),
-        "p99_ms": round(float(np.percentile(t, 99)), 4),
-        "mean_ms": round(float(t.mean()), 4),
-        "throughput_per_s": round(1000.0 * batch / p50, 2) if p50 > 0 else None,
-        "how": {"warmup_runs": warmup, "runs": len(times), "runs_requested": runs, "max_seconds": max_seconds,
-                "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run",
-                "timed": timed},
-        "where": host_info(),
-    }
+    return _stats(times, batch, {"warmup_runs": warmup, "runs": len(times), "runs_requested": runs,
+                                 "max_seconds": max_seconds, "threads": threads, "batch": batch,
+                                 "clock": "time.perf_counter, wall clock per run", "timed": timed})
+
+
+def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
+                        max_seconds: float, threads: int, block: int = 20) -> dict[str, dict]:
+    """Several models timed in turn, ``block`` calls each per round (after one untimed call that warms
+    the caches back up), the order alternating between rounds, until each has ``runs`` timed calls or
+    ``max_seconds`` have passed: the load of a shared host then falls on all of them alike, for ratios
+    between models (pruned vs unpruned) measured in one run."""
+    calls = {name: _call_of(r, sample) for name, r in runners.items()}
+    for _ in range(warmup):
+        for feeds, call, _ in calls.values():
+            call(feeds)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + max_seconds
+    rnd = 0
+    while min(len(t) for t in times.values()) < runs:
+        order = list(calls.items()) if rnd % 2 == 0 else list(calls.items())[::-1]  # neither always goes first
+        for name, (feeds, call, _) in order:
+            call(feeds)
+            for _ in range(min(block, runs - len(times[name]))):
+                t0 = time.perf_counter()
+                call(feeds)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rnd += 1
+        if time.perf_counter() > deadline and min(len(t) for t in times.values()) >= 10:
+            break
+    batch = int(next(iter(sample.values())).shape[0])
+    return {name: _stats(times[name], batch, {
+        "warmup_runs": warmup, "runs": len(times[name]), "runs_requested": runs, "max_seconds": max_seconds,
+        "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run",
+        "timed": calls[name][2],
+        "interleaved": f"in turn with {', '.join(n for n in calls if n != name)}: {rnd} rounds of up to {block} "
+                       "calls each (after one untimed call), the order alternating"})
+        for name in calls}
 
 
 def resize_along(sample: dict[str, np.ndarray], shapes: dict[str, tuple], dim: str, size: int) -> dict[str, np.ndarray]:

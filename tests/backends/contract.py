@@ -84,6 +84,19 @@ class BackendContract:
         if precision == "int8":
             assert err > 0, "an INT8 model that matches FP32 bit for bit was not quantized"
 
+    def test_prepared_inputs_give_the_outputs_of_run(self, exported, tmp_path):
+        """Latency times ``invoke`` on inputs ``prepare`` bound once: it must compute what ``run`` does."""
+        backend = get_backend(self.backend_name)
+        runner = backend.load(self._compile(exported, tmp_path, "fp32").path, 1)
+        if not hasattr(runner, "prepare"):
+            pytest.skip("this runner times run() itself")
+        for s in samples(3, seed=2):
+            want = runner.run(s)
+            got = runner.invoke(runner.prepare(s))
+            got = list(got.values()) if isinstance(got, dict) else got
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g.numpy() if hasattr(g, "numpy") else g), w, rtol=1e-5, atol=1e-6)
+
     def test_rejects_unknown_options(self):
         backend = get_backend(self.backend_name)
         with pytest.raises(ConfigError, match="unknown backend option"):
