@@ -26,9 +26,9 @@ from edgepack.bundle import Manifest, Measured, Source, bundle_name, write_bundl
 from edgepack.calibration.reader import SampleSet, load_samples
 from edgepack.errors import AcceptanceError, CalibrationError, ConfigError, ToolchainError
 from edgepack.measure import accuracy as acc
-from edgepack.measure.latency import latency_at_shapes, measure_latency
+from edgepack.measure.latency import latency_at_shapes, measure_interleaved, measure_latency
 from edgepack.measure.memory import measure_peak_memory
-from edgepack.project import Project, find_project, load_project
+from edgepack.project import Project, find_project, load_project, with_prune_flags
 from edgepack.target import TargetProfile, load_target
 from edgepack.manifest_writer import assemble
 from edgepack.tuning import Trial, rank_layers, search
@@ -67,6 +67,7 @@ class _Shared:
     tuning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     prune: dict[str, Any] | None = None
+    prune_flags: dict[str, Any] = field(default_factory=dict)  # the build command's --prune* flags, if any
     # live torch modules ("model", and "unpruned" when pruning) for backends that convert from PyTorch
     modules: dict[str, Any] = field(default_factory=dict)
     text: Any = None        # edgepack.text.TextSpec for text models
@@ -130,14 +131,17 @@ def _versions() -> dict[str, str]:
 
 def build(project_path: Path | None, targets: list[str], out: Path | None = None, threads: int | None = None,
           progress: Progress | None = None, targets_dirs: list[Path] | None = None, tune: bool = True,
-          max_tuning_minutes: float = 10.0, max_tuning_steps: int = 12) -> list[BuildResult]:
+          max_tuning_minutes: float = 10.0, max_tuning_steps: int = 12,
+          prune: dict[str, Any] | None = None) -> list[BuildResult]:
     """Build one bundle per target. Returns results; failed gates are in each manifest
     (call :func:`raise_for_acceptance` to turn them into an AcceptanceError).
+
+    ``prune`` overrides the project's ``prune`` block (see :func:`edgepack.project.with_prune_flags`).
 
     When INT8 misses the accuracy budget and ``tune`` is on, :mod:`edgepack.tuning` searches for a
     build that meets it within ``max_tuning_minutes`` / ``max_tuning_steps`` per target."""
     progress = progress or _no_progress
-    project = load_project(project_path)
+    project = with_prune_flags(load_project(project_path), prune or {})
     if not targets:
         raise ConfigError("no target given", hint="pass --target NAME (see `edgepack targets list`)")
     profiles = [load_target(t, targets_dirs) for t in targets]
@@ -168,7 +172,8 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         resolved = resolve(project, scratch / "source")
         shared = _Shared(resolved.project, _source_of(project, find_project(project_path)), toolchain=_versions(),
                          tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps},
-                         text=resolved.text, text_root=resolved.text_root, hf=resolved.hf)
+                         text=resolved.text, text_root=resolved.text_root, hf=resolved.hf,
+                         prune_flags={k: v for k, v in (prune or {}).items() if v is not None})
         _prepare_data(shared, profiles[0], progress)
         return [_build_target(shared, prof, backend, options, out, scratch, threads, progress)
                 for prof, backend, options in plans]
@@ -346,7 +351,7 @@ def _prune(shared: _Shared, module: Any, specs: list, progress: Progress) -> Any
         masks = None
         if cfg.method == "structured":
             pruned, record = pr.structured(module, specs, cfg.importance, ignore, cfg.ratio, cfg.target_macs,
-                                           cfg.target_params)
+                                           cfg.target_params, cfg.layers, cfg.round_to)
         else:
             pruned = copy.deepcopy(module)
             masks = pr.masks_2of4(pruned, ignore)
@@ -385,6 +390,8 @@ def _prune(shared: _Shared, module: Any, specs: list, progress: Progress) -> Any
             st.detail = f"accuracy {rec['value']:.2f}"
     if masks:
         record["sparsity_check"] = _check_2of4(pruned, masks)
+    if shared.prune_flags:
+        record["set_by_flags"] = shared.prune_flags  # the project file's prune block was overridden
     shared.prune = record
     shared.stages.append(StageRecord("prune", {k: v for k, v in record.items() if k != "finetune"}, None, None, 0.0))
     return pruned.eval()
@@ -495,7 +502,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
         with _Stage(progress, f"measure unpruned {profile.name}") as st:
             unpruned_src = _compile_source(shared, profile, backend, options, art, scratch, progress, "unpruned")
             prune_effect = _unpruned_latency(shared, backend, options, profile, unpruned_src, workdir / "unpruned",
-                                             threads, measured.latency["p50_ms"])
+                                             threads, compiled.path)
             st.detail = f"p50 {prune_effect['unpruned_p50_ms']:.3f} ms -> pruned {prune_effect['pruned_p50_ms']:.3f} ms"
         shared_prune = {**shared.prune, "latency_effect": prune_effect}
     else:
@@ -514,14 +521,22 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
 
 
 def _unpruned_latency(shared: _Shared, backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact,
-                      workdir: Path, threads: int, pruned_p50: float) -> dict[str, Any]:
-    """The unpruned model compiled for the same target (plain, no tuning) and timed the same way."""
+                      workdir: Path, threads: int, pruned_path: Path) -> dict[str, Any]:
+    """The unpruned model compiled for the same target (plain, no tuning) and timed turn about with the
+    pruned one, so that a shared host's load falls on both alike."""
     compiled = backend.compile(art, profile, options, shared.calibration, workdir)
-    runner, proxy = backend.host_runner(compiled.path, threads)
+    unpruned, proxy = backend.host_runner(compiled.path, threads)
+    pruned, _ = backend.host_runner(pruned_path, threads)
     m = profile.measurement
-    lat = measure_latency(runner, shared.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
-    return {"unpruned_p50_ms": lat["p50_ms"], "pruned_p50_ms": pruned_p50,
-            "speedup_p50": round(lat["p50_ms"] / pruned_p50, 3), "precision": profile.precision,
+    # many more runs than a bundle's own figure: a ratio of two p50s needs both steady
+    lat = measure_interleaved({"unpruned": unpruned, "pruned": pruned}, shared.evaluation.samples[0],
+                              m.warmup_runs, max(m.runs, 2000), m.max_seconds * 2, threads)
+    u, p = lat["unpruned"]["p50_ms"], lat["pruned"]["p50_ms"]
+    return {"unpruned_p50_ms": u, "pruned_p50_ms": p, "speedup_p50": round(u / p, 3),
+            "unpruned_p90_ms": lat["unpruned"]["p90_ms"], "pruned_p90_ms": lat["pruned"]["p90_ms"],
+            "precision": profile.precision, "runs": lat["pruned"]["how"]["runs"], "threads": threads,
+            "how": "both compiled for the target and timed in turn in one session, after the bundle's own "
+                   "measurement: " + lat["pruned"]["how"]["interleaved"] + "; timed: " + lat["pruned"]["how"]["timed"],
             "where": "host proxy" if proxy else "host, the target's runtime", "measured_in_same_run": True}
 
 

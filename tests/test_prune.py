@@ -143,3 +143,123 @@ def test_evaluate_without_labels_scores_fidelity_against_the_reference():
         net.weight.mul_(-1.0)
     after = evaluate(net, xs, None, before["logits"])
     assert after["value"] < 100.0
+
+
+def _digits_net():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+def _specs():
+    from edgepack.artifact import TensorSpec
+
+    return [TensorSpec(name="image", shape=[1, 1, 8, 8], dtype="float32")]
+
+
+def test_layer_ratios_fix_named_layers_and_the_search_fills_in_the_rest():
+    from edgepack.stages.prune import structured
+
+    net = _digits_net()
+    pruned, rec = structured(net, _specs(), "l1", ["0", "10"], None, 0.4, None, {"8": 0.75})
+    assert rec["channels"]["8"] == [64, 16]          # the fixed share, whatever the search did
+    assert "0" not in rec["channels"] and "10" not in rec["channels"]  # ignored layers stay whole
+    assert rec["channels"]["3"][1] < 32               # the searched ratio pruned the free layer
+    assert rec["macs_removed"] >= 0.4 and rec["layer_ratios"] == {"8": 0.75}
+    out = pruned(__import__("torch").zeros(2, 1, 8, 8))
+    assert tuple(out.shape) == (2, 10)
+
+
+def test_round_to_keeps_channel_counts_multiples_of_n():
+    from edgepack.stages.prune import structured
+
+    _, rec = structured(_digits_net(), _specs(), "l1", ["10"], 0.3, None, None, None, 8)
+    assert rec["channels"] and all(after % 8 == 0 for _, after in rec["channels"].values())
+
+
+@pytest.mark.parametrize("layers,ignore,goal,message", [
+    ({"3": 0.5}, ["3", "10"], 0.2, "prune.layers and prune.ignore both name ['3']"),
+    ({"body.99": 0.5}, ["10"], 0.2, "prune.layers: no module named ['body.99']"),
+    ({"3": 0.9}, ["10"], 0.1, "prune.layers alone remove"),
+])
+def test_bad_layer_ratios_are_config_errors(layers, ignore, goal, message):
+    from edgepack.errors import ConfigError
+    from edgepack.stages.prune import structured
+
+    with pytest.raises(ConfigError) as e:
+        structured(_digits_net(), _specs(), "l1", ignore, None, goal, None, layers)
+    assert message in str(e.value)
+
+
+def test_layer_ratio_out_of_range_in_the_project_file(project):
+    edit_yaml(project, "acceptance:", "prune:\n  target_macs: 0.3\n  layers: {body.8: 1.5}\nacceptance:")
+    res = run("build", "--project", str(project), "--target", "onnx", "-q")
+    assert res.exit_code == 2 and "layers: ratios must be between 0 and 1" in res.output
+
+
+def test_prune_flags_build_a_pruned_bundle_and_say_so(project, tmp_path):
+    import json
+
+    res = run("build", "--project", str(project), "--target", "onnx", "--out", str(tmp_path), "-q",
+              "--prune-macs", "0.3", "--prune-finetune-epochs", "1")
+    assert res.exit_code == 0, res.output
+    assert "pruned (structured): MACs" in res.output and "timed in turn" in res.output
+    [bundle] = tmp_path.glob("*.edgepack")
+    p = json.loads(run("inspect", str(bundle), "--format", "json").output)["prune"]
+    assert p["set_by_flags"] == {"method": "structured", "target_macs": 0.3, "finetune_epochs": 1}
+    assert p["macs_removed"] >= 0.3 and p["finetune"]["epochs"] == 1
+    eff = p["latency_effect"]
+    assert eff["runs"] >= 10 and "in turn with" in eff["how"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prune-ratio", "1.5"], "--prune-ratio: prune.ratio: Input should be less than 1"),
+    (["--prune", "magic"], "--prune: unknown method 'magic'"),
+    (["--prune", "off", "--prune-macs", "0.3"], "--prune off cannot be combined"),
+    (["--prune", "sparse-2of4", "--prune-ratio", "0.3"], "sparse-2of4 fixes the amount"),
+])
+def test_bad_prune_flags_fail_before_building(project, tmp_path, args, message):
+    res = run("build", "--project", str(project), "--target", "onnx", "--out", str(tmp_path / "out"), "-q", *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_prune_off_drops_the_project_files_block_and_flags_replace_its_amount(project):
+    from edgepack.project import load_project, with_prune_flags
+
+    edit_yaml(project, "acceptance:", "prune:\n  ratio: 0.3\n  ignore: [body.10]\n  finetune: {epochs: 2}\nacceptance:")
+    p = load_project(project)
+    assert with_prune_flags(p, {"method": "off"}).prune is None
+    q = with_prune_flags(p, {"target_macs": 0.5}).prune
+    assert q.ratio is None and q.target_macs == 0.5 and q.ignore == ["body.10"] and q.finetune.epochs == 2
+    assert with_prune_flags(p, {"finetune_epochs": 0}).prune.finetune is None
+    assert with_prune_flags(p, {}) is p
+
+
+def test_interleaved_timing_alternates_blocks_and_counts_every_model():
+    from edgepack.measure.latency import measure_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, feeds):
+            calls.append(self.name)
+            return []
+
+    sample = {"x": np.zeros((1, 2), np.float32)}
+    lat = measure_interleaved({"a": Fake("a"), "b": Fake("b")}, sample, warmup=1, runs=45, max_seconds=60,
+                              threads=1, block=20)
+    assert lat["a"]["how"]["runs"] == lat["b"]["how"]["runs"] == 45
+    timed = calls[2:]  # after the warm-up call of each
+    # round 1: a (1 untimed + 20), b (1 + 20); round 2 reversed: b then a; round 3: a then b, 5 each
+    assert timed[:21] == ["a"] * 21 and timed[21:42] == ["b"] * 21 and timed[42:63] == ["b"] * 21
+    assert timed[63:84] == ["a"] * 21 and timed[84:90] == ["a"] * 6 and timed[90:] == ["b"] * 6
+    assert "in turn with b" in lat["a"]["how"]["interleaved"]

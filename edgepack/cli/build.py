@@ -50,11 +50,26 @@ def build(
     tune: bool = typer.Option(True, "--tune/--no-tune",
                               help="When INT8 misses the accuracy budget, search for a build that meets it."),
     max_tuning_minutes: float = typer.Option(10.0, "--max-tuning-minutes", help="Time cap of that search, per target."),
+    prune: str = typer.Option(None, "--prune", help="Prune before export: structured, sparse-2of4, or off "
+                              "(overrides the project's prune block)."),
+    prune_ratio: float = typer.Option(None, "--prune-ratio", help="Share of channels removed per layer (structured)."),
+    prune_macs: float = typer.Option(None, "--prune-macs", help="Share of MACs to remove, e.g. 0.4 (structured)."),
+    prune_params: float = typer.Option(None, "--prune-params", help="Share of parameters to remove (structured)."),
+    prune_finetune_epochs: int = typer.Option(None, "--prune-finetune-epochs", min=0,
+                                              help="Recovery fine-tuning epochs after pruning (0: none)."),
 ) -> None:
     """Build bundles: load -> export ONNX -> calibrate -> compile -> measure -> bundle."""
     from edgepack.api import build as run_build
     from edgepack.api import raise_for_acceptance
 
+    if prune is not None and prune not in ("structured", "sparse-2of4", "off"):
+        from edgepack.errors import ConfigError
+
+        raise ConfigError(f"--prune: unknown method '{prune}'", hint="use structured, sparse-2of4 or off")
+    if prune is None and any(v is not None for v in (prune_ratio, prune_macs, prune_params)):
+        prune = "structured"
+    flags = {"method": prune, "ratio": prune_ratio, "target_macs": prune_macs, "target_params": prune_params,
+             "finetune_epochs": prune_finetune_epochs}
     key = None
     if sign is not None:  # load the key before a long build, so a bad path fails fast
         from edgepack.shipping.signing import load_private_key, sign_bundle
@@ -63,7 +78,7 @@ def build(
     progress = _Progress(quiet)
     try:
         results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
-                            max_tuning_minutes)
+                            max_tuning_minutes, prune=flags)
     finally:
         if progress.status:
             progress.status.stop()
@@ -95,6 +110,11 @@ def build(
             if r.manifest.measurements.compiled.proxy:
                 out.print(f"  [dim]{escape(r.manifest.measurements.compiled.proxy)}: accuracy is the QDQ model's on "
                           "this host; device latency comes from `edgepack validate` on the device[/]")
+            if r.manifest.prune:
+                from edgepack.cli.inspect import prune_lines
+
+                for line in prune_lines(r.manifest.prune):
+                    out.print(f"  [dim]{escape(line)}[/]")
             conv = r.manifest.conversion
             if conv is not None:
                 from edgepack.backends.tflite import describe_float_ops

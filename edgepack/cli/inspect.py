@@ -60,6 +60,9 @@ def inspect(
     if m.get("warnings"):
         for w in m["warnings"]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
+    if m.get("prune"):
+        for line in prune_lines(m["prune"]):
+            out.print(escape(line))
     t = m.get("tuning")
     if m.get("conversion"):
         _conversion(m["conversion"], (m["runtime"].get("io") or {}))
@@ -90,6 +93,24 @@ def inspect(
     for f in m["files"]:
         ft.add_row(f["path"], str(f["bytes"]), f["sha256"][:16])
     out.print(ft)
+
+
+def prune_lines(p: dict) -> list[str]:
+    """The prune section in a few lines: what was removed, what it cost, what it bought."""
+    before, after = p["before"], p["after"]
+    lines = [f"pruned ({p['method']}): MACs {before['macs']:,} -> {after['macs']:,}, "
+             f"params {before['params']:,} -> {after['params']:,}"]
+    if p.get("channels"):
+        lines.append("  channels " + ", ".join(f"{n} {a}->{b}" for n, (a, b) in p["channels"].items()))
+    a = p.get("accuracy_fp32") or {}
+    if a:
+        rec = f", after recovery {a['after_recovery']:.2f}" if "after_recovery" in a else ""
+        lines.append(f"  fp32 {a['metric']}: before {a['before_pruning']:.2f}, pruned {a['after_pruning']:.2f}{rec}")
+    e = p.get("latency_effect")
+    if e:
+        lines.append(f"  {e['precision']} p50 unpruned {e['unpruned_p50_ms']:.3f} ms -> pruned {e['pruned_p50_ms']:.3f} ms "
+                     f"({e['speedup_p50']:.2f}x, {e['where']}, timed in turn)")
+    return lines
 
 
 def _conversion(c: dict, io: dict) -> None:

@@ -47,16 +47,28 @@ def default_ignore(module: Any) -> list[str]:
 
 
 def structured(module: Any, specs: list[TensorSpec], importance: str, ignore: list[str], ratio: float | None,
-               target_macs: float | None, target_params: float | None) -> tuple[Any, dict[str, Any]]:
-    """Remove whole channels. ``ratio`` is per layer; a MACs/params target is met by bisecting the ratio."""
+               target_macs: float | None, target_params: float | None,
+               layers: dict[str, float] | None = None, round_to: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Remove whole channels. ``ratio`` is per layer; a MACs/params target is met by bisecting the ratio.
+
+    ``layers`` fixes the share of output channels removed from named layers (torch-pruning's
+    ``pruning_ratio_dict``); the uniform ratio, or the one the bisection finds, applies to the others.
+    ``round_to`` keeps every pruned layer's channel count a multiple of N (SIMD/tensor-core widths)."""
     tp = _tp()
     torch = require_torch()
+    layers = layers or {}
+    clash = sorted(set(layers) & set(ignore))
+    if clash:
+        raise ConfigError(f"prune.layers and prune.ignore both name {clash}", hint="a layer is either kept whole or pruned")
+    _modules(module, list(layers), "layers")  # unknown names fail before any pruning
 
     def prune_copy(r: float) -> Any:
         m = copy.deepcopy(module)
         try:
+            fixed = dict(zip(_modules(m, list(layers), "layers"), layers.values()))
             pruner = tp.pruner.MetaPruner(m, example_inputs(specs), importance=tp.importance.MagnitudeImportance(
-                p=1 if importance == "l1" else 2), pruning_ratio=r, ignored_layers=_modules(m, ignore, "ignore"))
+                p=1 if importance == "l1" else 2), pruning_ratio=r, pruning_ratio_dict=fixed or None,
+                ignored_layers=_modules(m, ignore, "ignore"), round_to=round_to)
             pruner.step()
         except (ConfigError, MissingDependencyError):
             raise
@@ -71,10 +83,17 @@ def structured(module: Any, specs: list[TensorSpec], importance: str, ignore: li
         return m
 
     before = count(module, specs)
-    if ratio is not None:
-        pruned, used = prune_copy(ratio), ratio
+    if ratio is not None or (target_macs is None and target_params is None):
+        used = ratio or 0.0  # only the named layers are pruned when no amount is given
+        pruned = prune_copy(used)
     else:
         key, goal = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+        if layers:
+            fixed_only = 1 - count(prune_copy(0.0), specs)[key] / before[key]
+            if fixed_only > goal + 0.05:
+                raise ConfigError(f"prune.layers alone remove {fixed_only:.0%} of {key}, more than "
+                                  f"prune.target_{key} {goal:.0%}",
+                                  hint="lower the ratios under prune.layers, or raise the target")
         lo, hi, pruned, used = 0.0, 0.95, None, None
         for _ in range(10):  # bisect the per-layer ratio until the removed share reaches the goal
             mid = (lo + hi) / 2
@@ -86,13 +105,24 @@ def structured(module: Any, specs: list[TensorSpec], importance: str, ignore: li
                 lo = mid
         if pruned is None:
             raise ConfigError(f"prune.target_{key}: removing {goal:.0%} of {key} is out of reach here "
-                              f"(at most {removed:.0%} with every layer pruned at 95%)")
+                              f"(at most {removed:.0%} with every other layer pruned at 95%)",
+                              hint="lower the target, or prune more of the layers under prune.layers/prune.ignore")
     after = count(pruned, specs)
     return pruned, {"method": "structured", "tool": f"torch-pruning {getattr(tp, '__version__', '')}".strip(),
                     "importance": importance, "ratio_per_layer": round(used, 4), "ignored": ignore,
+                    "layer_ratios": dict(layers), "round_to": round_to, "channels": _channels(module, pruned),
                     "before": before, "after": after,
                     "macs_removed": round(1 - after["macs"] / before["macs"], 4),
                     "params_removed": round(1 - after["params"] / before["params"], 4)}
+
+
+def _channels(before: Any, after: Any) -> dict[str, list[int]]:
+    """Output channels/features of every Conv/Linear whose width changed: name -> [before, after]."""
+    def widths(m: Any) -> dict[str, int]:
+        return {n: getattr(s, "out_channels", None) or getattr(s, "out_features", None)
+                for n, s in m.named_modules() if type(s).__name__ in ("Conv1d", "Conv2d", "Linear")}
+    a = widths(after)
+    return {n: [w, a[n]] for n, w in widths(before).items() if n in a and a[n] != w}
 
 
 def masks_2of4(module: Any, ignore: list[str]) -> dict[str, Any]:
