@@ -50,7 +50,7 @@ def main() -> None:
     np.savez_compressed(HERE / "data" / "calib.npz", images=xtr[cal], labels=ytr[cal])
     np.savez_compressed(HERE / "data" / "eval.npz", images=xte, labels=yte)
     # recovery fine-tuning data for the pruned variant (edgepack-pruned.yaml): another training subset
-    tune = rng.choice(np.setdiff1d(np.arange(len(xtr)), cal), 12000, replace=False)
+    tune = rng.choice(np.setdiff1d(np.arange(len(xtr)), cal), 30000, replace=False)
     np.savez_compressed(HERE / "data" / "finetune.npz", images=xtr[tune], labels=ytr[tune])
     (HERE / "labels.txt").write_text("\n".join(LABELS) + "\n")
     weights = HERE / "weights.pt"
