@@ -317,7 +317,8 @@ def with_prune_flags(project: Project, flags: dict[str, Any]) -> Project:
         return project
     if given.get("method") == "off":
         if len(given) > 1:
-            raise ConfigError("--prune off cannot be combined with other --prune-* flags")
+            raise ConfigError("--prune off cannot be combined with other --prune-* flags",
+                              hint="drop --prune off to prune, or the other --prune-* flags to build unpruned")
         return project.model_copy(update={"prune": None})
     base = project.prune.model_dump(exclude_none=True, exclude_defaults=True) if project.prune else {}
     if "finetune" in base and project.prune and project.prune.finetune:
@@ -331,6 +332,8 @@ def with_prune_flags(project: Project, flags: dict[str, Any]) -> Project:
     for k in ("method", *_AMOUNTS):
         if k in given:
             base[k] = given[k]
+    if "method" not in given and any(k in given for k in _AMOUNTS):
+        base["method"] = "structured"  # an amount means channel pruning
     if "finetune_epochs" in given:
         if given["finetune_epochs"] == 0:
             base.pop("finetune", None)

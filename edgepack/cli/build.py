@@ -66,8 +66,6 @@ def build(
         from edgepack.errors import ConfigError
 
         raise ConfigError(f"--prune: unknown method '{prune}'", hint="use structured, sparse-2of4 or off")
-    if prune is None and any(v is not None for v in (prune_ratio, prune_macs, prune_params)):
-        prune = "structured"
     flags = {"method": prune, "ratio": prune_ratio, "target_macs": prune_macs, "target_params": prune_params,
              "finetune_epochs": prune_finetune_epochs}
     key = None
