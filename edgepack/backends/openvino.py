@@ -18,16 +18,16 @@ from edgepack.backends.base import Backend
 from edgepack.errors import ToolchainError
 
 
-_CORES: dict[int, Any] = {}
+_CORE: list[Any] = []
 
 
 def _core(ov: Any) -> Any:
     """One OpenVINO Core per process, as OpenVINO intends: every Core keeps its own CPU thread pool, and
     two models compiled on two Cores and run in turn contend for the cores (measured on a 2-core host:
     0.18 ms per call against 0.11 ms for the same model when both share one Core)."""
-    if id(ov) not in _CORES:
-        _CORES[id(ov)] = ov.Core()
-    return _CORES[id(ov)]
+    if not _CORE:
+        _CORE.append(ov.Core())
+    return _CORE[0]
 
 
 class OVRunner:

@@ -19,6 +19,11 @@ def _call_of(runner, sample: dict[str, np.ndarray]):
     return sample, runner.run, "the runner's run(), inputs as the project feeds them"
 
 
+def _how(warmup: int, done: int, runs: int, max_seconds: float, threads: int, batch: int, timed: str) -> dict:
+    return {"warmup_runs": warmup, "runs": done, "runs_requested": runs, "max_seconds": max_seconds,
+            "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run", "timed": timed}
+
+
 def _stats(times: list[float], batch: int, how: dict) -> dict:
     t = np.asarray(times)
     p50 = float(np.percentile(t, 50))
@@ -47,9 +52,7 @@ def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: in
         if time.perf_counter() > deadline and len(times) >= 10:
             break
     batch = int(next(iter(sample.values())).shape[0])
-    return _stats(times, batch, {"warmup_runs": warmup, "runs": len(times), "runs_requested": runs,
-                                 "max_seconds": max_seconds, "threads": threads, "batch": batch,
-                                 "clock": "time.perf_counter, wall clock per run", "timed": timed})
+    return _stats(times, batch, _how(warmup, len(times), runs, max_seconds, threads, batch, timed))
 
 
 def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
@@ -78,9 +81,7 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
             break
     batch = int(next(iter(sample.values())).shape[0])
     return {name: _stats(times[name], batch, {
-        "warmup_runs": warmup, "runs": len(times[name]), "runs_requested": runs, "max_seconds": max_seconds,
-        "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run",
-        "timed": calls[name][2],
+        **_how(warmup, len(times[name]), runs, max_seconds, threads, batch, calls[name][2]),
         "interleaved": f"in turn with {', '.join(n for n in calls if n != name)}: {rnd} rounds of up to {block} "
                        "calls each (after one untimed call), the order alternating"})
         for name in calls}
