@@ -5,8 +5,12 @@ other file with its sha256."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import posixpath
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -14,18 +18,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import digest_paths, sha256_file
-from edgepack.errors import BundleError, ConfigError
+from edgepack.errors import BundleError, ConfigError, DiskFullError
 
-SCHEMA_VERSION = 1
+# 2: build_id also covers manifest.json's own content (every field but build_id)
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 # A detached signature over manifest.json's exact bytes (edgepack/shipping/signing.py). The manifest
 # cannot list its own signature, so this one root file is the only one allowed outside the listing.
 SIGNATURE = "signature.json"
 SUFFIX = ".edgepack"
+
+# What an archive may hold before anything is written (see read_archive). A bundle is a plain tar:
+# its members cannot unpack to more bytes than the archive has, and each member's size must be the
+# one the manifest lists. The caps bound what a hostile header can make edgepack read or allocate.
+MAX_MEMBERS = 10_000
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_SIGNATURE_BYTES = 64 << 10
+MAX_BYTES_ENV = "EDGEPACK_MAX_BUNDLE_BYTES"
+DEFAULT_MAX_BYTES = 16 << 30
+# free space kept on the destination's file system beyond what the bundle needs
+DISK_MARGIN_BYTES = 16 << 20
+
+# Manifest fields that name folders on a device (`<name>-<version>-<target>-<build12>`): no separators,
+# no `..`, no control characters. The same patterns are enforced on the project file and profiles.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$"
+TARGET_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+def safe_member_path(path: str) -> str | None:
+    """``path`` as a normalised relative POSIX path inside a bundle, or None when it is not one
+    (absolute, `..`, backslashes, empty parts, control characters)."""
+    if not isinstance(path, str) or not path or len(path) > 512 or "\\" in path:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return None
+    while path.startswith("./"):
+        path = path[2:]
+    path = path.rstrip("/")
+    if not path or path.startswith("/") or posixpath.normpath(path) != path:
+        return None
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return None
+    return path
 
 
 class Strict(BaseModel):
@@ -34,8 +74,15 @@ class Strict(BaseModel):
 
 class FileEntry(Strict):
     path: str
-    sha256: str
-    bytes: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        if safe_member_path(v) != v or v in (MANIFEST, SIGNATURE):
+            raise ValueError(f"'{v[:80]}' is not a relative path inside the bundle")
+        return v
 
 
 class Source(Strict):
@@ -100,11 +147,14 @@ class Validation(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
-    name: str
-    version: str
-    target: str
-    build_id: str = Field(description="sha256 over every file's path and sha256: the bundle's content digest")
+    schema_version: Literal[2] = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    target: str = Field(pattern=TARGET_PATTERN)
+    build_id: str = Field(pattern=DIGEST_PATTERN,
+                          description="sha256 over every file's path and sha256 and over this manifest's other "
+                                      "fields: a seal against accidental edits, not a signature (anyone can "
+                                      "recompute it; `edgepack sign` protects a bundle)")
     created_at: str
     edgepack_version: str
     toolchain: dict[str, str]
@@ -127,6 +177,25 @@ class Manifest(Strict):
     text: dict[str, Any] | None = Field(default=None, description="text models: the bundled tokenizer, max sequence "
                                                                   "length, padding; how text becomes inputs")
 
+    @model_validator(mode="after")
+    def _paths_are_listed(self) -> "Manifest":
+        """Every path the manifest points at is a listed file of the bundle; no file is listed twice."""
+        listed = [f.path for f in self.files]
+        if len(set(listed)) != len(listed):
+            raise ValueError("a file is listed twice in 'files'")
+        pointers = {"runtime.model_file": self.runtime.model_file, "validation.inputs_file": self.validation.inputs_file,
+                    "validation.outputs_file": self.validation.outputs_file}
+        if self.validation.holdout_file is not None:
+            pointers["validation.holdout_file"] = self.validation.holdout_file
+        if self.text is not None:
+            pointers["text.tokenizer_file"] = self.text.get("tokenizer_file")
+            for i, f in enumerate(self.text.get("files") or []):
+                pointers[f"text.files.{i}"] = f
+        for key, value in pointers.items():
+            if not isinstance(value, str) or value not in listed:
+                raise ValueError(f"{key} {str(value)[:80]!r} is not a file listed in the bundle")
+        return self
+
 
 def bundle_name(name: str, version: str, target: str) -> str:
     return f"{name}-{version}-{target}{SUFFIX}"
@@ -148,11 +217,27 @@ def content_digest(root: Path) -> str:
     return "sha256:" + digest_paths(files, root)
 
 
-def write_bundle(staging: Path, manifest: Manifest, out: Path) -> Path:
-    """Write manifest.json into ``staging``, tar it next to ``out``, then rename into place."""
+def seal(root: Path, manifest: "Manifest") -> str:
+    """The build id: the files' digest and every manifest field but build_id itself, in canonical JSON.
+    An edited figure in an unsigned bundle no longer matches it (an editor who knows the rule can
+    recompute it: only a signature protects against that)."""
+    body = manifest.model_dump(mode="json", exclude={"build_id"})
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    h = hashlib.sha256(content_digest(root).encode())
+    h.update(b"\n")
+    h.update(canonical.encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_bundle(staging: Path, manifest: Manifest, out: Path) -> Manifest:
+    """Seal the manifest (build id), write it into ``staging``, tar it, then rename into place.
+    The partial archive is written beside ``staging`` when that is on ``out``'s file system (so a
+    killed build leaves it inside its own scratch folder), else beside ``out``. Returns the sealed manifest."""
+    manifest = manifest.model_copy(update={"build_id": seal(staging, manifest)})
     (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    tmp_dir = staging.parent if os.stat(staging.parent).st_dev == os.stat(out.parent).st_dev else out.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=tmp_dir)
     os.close(fd)
     try:
         with tarfile.open(tmp, "w") as tar:
@@ -168,7 +253,7 @@ def write_bundle(staging: Path, manifest: Manifest, out: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out
+    return manifest
 
 
 @dataclass
@@ -182,32 +267,175 @@ class OpenedBundle:
 
 
 def read_manifest_json(data: dict, where: str) -> Manifest:
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: manifest.json is not a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"{where}: manifest schema_version {version!r} is not supported (this edgepack reads {SCHEMA_VERSION})",
-                          hint="use the edgepack version that built the bundle, or rebuild it")
+        version = version if isinstance(version, (int, float)) or version is None else str(version)[:20]
+        raise BundleError(f"{where}: manifest schema_version {version!r} is not supported (this edgepack reads "
+                          f"{SCHEMA_VERSION})", hint="use the edgepack version that built the bundle, or rebuild it")
     try:
         return Manifest.model_validate(data)
     except PydanticValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{where}: manifest.json is invalid at '{key}': {first['msg']}") from e
+        raise BundleError(f"{where}: manifest.json is invalid at '{key[:120]}': {first['msg'][:200]}") from e
 
 
-def _safe_extract(tar: tarfile.TarFile, dest: Path, where: str) -> None:
-    dest = dest.resolve()
-    for m in tar.getmembers():
-        target = (dest / m.name).resolve()
-        if m.name.startswith("/") or not str(target).startswith(str(dest) + os.sep):
-            raise BundleError(f"{where}: refusing archive member '{m.name}' that points outside the bundle")
-        if not (m.isfile() or m.isdir()):
-            raise BundleError(f"{where}: refusing archive member '{m.name}' (links and devices are not allowed)")
-    tar.extractall(dest, filter="data")
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """manifest.json's bytes -> a validated Manifest, or a BundleError (never another exception)."""
+    try:
+        return read_manifest_json(json.loads(data.decode("utf-8")), where)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{where}: manifest.json is not valid JSON: {str(e)[:200]}") from e
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def max_bundle_bytes() -> int:
+    raw = os.environ.get(MAX_BYTES_ENV)
+    if raw is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+        if value <= 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"${MAX_BYTES_ENV}={raw[:40]!r}: not a positive number of bytes") from None
+    return value
+
+
+def _members(tar: tarfile.TarFile, where: str) -> dict[str, tarfile.TarInfo]:
+    """The archive's members by normalised name, read header by header (nothing extracted):
+    regular files and folders only, each name once, every name inside the bundle."""
+    found: dict[str, tarfile.TarInfo] = {}
+    while True:
+        m = tar.next()
+        if m is None:
+            return found
+        if len(found) >= MAX_MEMBERS:
+            raise BundleError(f"{where}: the archive holds more than {MAX_MEMBERS} members; a bundle has a few dozen")
+        name = safe_member_path(m.name)
+        if name is None:
+            raise BundleError(f"{where}: refusing archive member {m.name[:120]!r} that points outside the bundle")
+        if m.issparse() or not (m.isreg() or m.isdir()):
+            raise BundleError(f"{where}: refusing archive member {name!r} (links and devices are not allowed)")
+        if name in found:
+            raise BundleError(f"{where}: archive member {name!r} appears twice (only one copy can be trusted)")
+        found[name] = m
+
+
+def _check_members(members: dict[str, tarfile.TarInfo], manifest: Manifest, where: str) -> int:
+    """Each member is listed with the size the manifest gives (or is manifest/signature, or a folder
+    of listed files); every listed file is there. Returns the bytes the archive unpacks to."""
+    listed = {f.path: f.bytes for f in manifest.files}
+    total = 0
+    unlisted = []
+    for name, m in members.items():
+        if m.isdir():
+            if not any(p.startswith(name + "/") for p in listed):
+                unlisted.append(name + "/")
+            continue
+        total += m.size
+        if name in (MANIFEST, SIGNATURE):
+            continue
+        if name not in listed:
+            unlisted.append(name)
+        elif m.size != listed[name]:
+            raise BundleError(f"{where}: file '{name}' has {m.size} bytes, the manifest says {listed[name]} "
+                              "(truncated or modified)")
+    if unlisted:
+        raise BundleError(f"{where}: files not listed in the manifest: {', '.join(sorted(unlisted)[:5])}")
+    missing = sorted(set(listed) - set(members))
+    if missing:
+        raise BundleError(f"{where}: file '{missing[0]}' listed in the manifest is missing")
+    cap = max_bundle_bytes()
+    if total > cap:
+        raise BundleError(f"{where}: the bundle unpacks to {total:,} bytes, more than the limit of {cap:,}",
+                          hint=f"raise ${MAX_BYTES_ENV} if this bundle is expected to be that large")
+    return total
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Manifest:
+    """Read a bundle archive safely and, with ``dest``, extract it there.
+
+    Before a byte is written: the file is a plain (uncompressed) tar; members are regular files or
+    folders with names inside the bundle, each once; there is exactly one manifest.json, which parses
+    and validates; every other member is a file the manifest lists, with the size it lists; the total
+    is under the limit and fits in the destination's free space. Files are then written one by one,
+    never more than their header's size. Files are not hashed here (:func:`verify_files` does that)."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise BundleError(f"{where}: a {kind}-compressed archive; edgepack bundles are plain tar files",
+                                  hint="fetch the .edgepack file itself; bundles are never compressed")
+        with tarfile.open(path, "r:") as tar:
+            members = _members(tar, where)
+            man = members.get(MANIFEST)
+            if man is None or not man.isreg():
+                raise BundleError(f"{where}: no manifest.json inside")
+            if man.size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{where}: manifest.json is {man.size:,} bytes (a manifest is a few kB; "
+                                  f"limit {MAX_MANIFEST_BYTES:,})")
+            sig = members.get(SIGNATURE)
+            if sig is not None and (not sig.isreg() or sig.size > MAX_SIGNATURE_BYTES):
+                raise BundleError(f"{where}: signature.json is not a small file")
+            manifest = parse_manifest(tar.extractfile(man).read(), where)
+            total = _check_members(members, manifest, where)
+            if dest is None:
+                return manifest
+            free = _free_bytes(dest)
+            if total + DISK_MARGIN_BYTES > free:
+                raise DiskFullError(f"{dest}: the bundle unpacks to {total:,} bytes and only {free:,} are free; "
+                                    "nothing was written")
+            _extract(tar, members, dest)
+            return manifest
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleError(f"{where}: not a readable bundle archive (truncated or corrupt?): {e}") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFullError(f"no space left in {dest} while unpacking {path.name}") from e
+        if dest is not None and e.filename and str(e.filename).startswith(str(dest)):
+            raise BundleError(f"cannot unpack {path.name} into {dest}: {e.strerror or e}",
+                              hint="check that the folder is writable") from e
+        raise BundleError(f"{where}: cannot read the bundle: {e.strerror or e}") from e
+
+
+def _extract(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, m in sorted(members.items()):
+        target = dest / name
+        if m.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tar.extractfile(m)
+        with open(target, "xb") as out:
+            remaining = m.size
+            while remaining:
+                chunk = src.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise BundleError(f"{tar.name}: member '{name}' ends early (truncated archive)")
+                out.write(chunk)
+                remaining -= len(chunk)
+        os.chmod(target, 0o644)
 
 
 @contextlib.contextmanager
 def open_bundle(path: Path, verify: bool = True) -> Iterator[OpenedBundle]:
-    """Extract ``path`` into a temporary folder, read and (by default) verify it."""
+    """Extract ``path`` into a temporary folder (see :func:`read_archive`), read and (by default)
+    verify it. A folder is read in place."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: bundle not found")
@@ -216,27 +444,28 @@ def open_bundle(path: Path, verify: bool = True) -> Iterator[OpenedBundle]:
         root = Path(tmp)
         if path.is_dir():
             root = path
+            mfile = root / MANIFEST
+            if not mfile.is_file() or mfile.is_symlink():
+                raise BundleError(f"{where}: no manifest.json inside")
+            if mfile.stat().st_size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{where}: manifest.json is larger than {MAX_MANIFEST_BYTES:,} bytes")
+            manifest = parse_manifest(mfile.read_bytes(), where)
         else:
-            try:
-                with tarfile.open(path, "r:*") as tar:
-                    _safe_extract(tar, root, where)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise BundleError(f"{where}: not a readable bundle archive (truncated or corrupt?): {e}") from e
-        mfile = root / MANIFEST
-        if not mfile.is_file():
-            raise BundleError(f"{where}: no manifest.json inside")
-        try:
-            data = json.loads(mfile.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{where}: manifest.json is not valid JSON: {e}") from e
-        manifest = read_manifest_json(data, where)
+            manifest = read_archive(path, root, where)
         if verify:
             verify_files(root, manifest, where)
         yield OpenedBundle(path, root, manifest)
 
 
 def verify_files(root: Path, manifest: Manifest, where: str) -> None:
-    """Every listed file present with its sha256 and size; nothing unlisted; build id consistent."""
+    """Every listed file present with its sha256 and size; nothing unlisted, no links; build id
+    consistent with the files and the manifest's own fields."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() or not (p.is_file() or p.is_dir()):
+                raise BundleError(f"{where}: '{p.relative_to(root).as_posix()}' is a link or a device; "
+                                  "a bundle holds plain files only")
     listed = {f.path for f in manifest.files}
     for f in manifest.files:
         p = root / f.path
@@ -251,12 +480,14 @@ def verify_files(root: Path, manifest: Manifest, where: str) -> None:
                    if _covered(root, p) and p.relative_to(root).as_posix() not in listed)
     if extra:
         raise BundleError(f"{where}: files not listed in the manifest: {', '.join(extra[:5])}")
-    if content_digest(root) != manifest.build_id:
-        raise BundleError(f"{where}: build_id does not match the bundle's content")
+    if seal(root, manifest) != manifest.build_id:
+        raise BundleError(f"{where}: build_id does not match the bundle's content and manifest "
+                          "(manifest.json was edited after the build)",
+                          hint="fetch the bundle again from its publisher; do not edit a bundle")
 
 
 def manifest_schema() -> dict[str, Any]:
     schema = Manifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://edgepack.dev/schemas/manifest-1.json"
+    schema["$id"] = "https://edgepack.dev/schemas/manifest-2.json"
     return schema

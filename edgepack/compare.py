@@ -9,13 +9,12 @@ user's), so for every row measured here the estimate is shown beside the measure
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import MANIFEST, Manifest, Source, bundle_name, read_manifest_json
+from edgepack.bundle import Manifest, Source, bundle_name, read_archive
 from edgepack.errors import ConfigError, EdgepackError
 from edgepack.measure.estimate import BYTES_PER_ELEMENT, GraphCounts, device_peaks, error_pct, estimate
 from edgepack.measure.host import host_info
@@ -129,14 +128,8 @@ def host_is_device_class(profile: TargetProfile) -> bool:
 def read_manifest(bundle: Path) -> Manifest | None:
     """The manifest of a bundle archive, without extracting the rest; None when unreadable."""
     try:
-        with tarfile.open(bundle, "r:*") as tar:
-            f = tar.extractfile(MANIFEST)
-            if f is None:
-                return None
-            import json
-
-            return read_manifest_json(json.loads(f.read()), str(bundle))
-    except (tarfile.TarError, KeyError, OSError, ValueError, EdgepackError):
+        return read_archive(bundle, None)
+    except EdgepackError:
         return None
 
 

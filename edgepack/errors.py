@@ -149,8 +149,16 @@ class InstallError(EdgepackError):
 
 
 class InterruptedBuildError(EdgepackError):
+    """Ctrl-C (SIGINT)."""
+
     exit_code = 130
     default_hint = "nothing was written; run the command again"
+
+
+class TerminatedError(InterruptedBuildError):
+    """SIGTERM: handled like Ctrl-C (scratch folders removed, the install root unchanged)."""
+
+    exit_code = 143
 
 
 def close_match(word: str, choices: Iterable[str]) -> str | None:

@@ -515,7 +515,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     with _Stage(progress, f"bundle {profile.name}") as st:
         manifest = assemble(shared, profile, backend, compiled, art, staging, ref["measured"], measured, outputs,
                             tuning, target_fp32, shared_prune)
-        write_bundle(staging, manifest, final)
+        manifest = write_bundle(staging, manifest, final)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
 

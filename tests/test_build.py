@@ -41,7 +41,7 @@ def test_manifest_has_every_field_and_matches_the_shipped_schema(built):
     out, _ = built
     m = _manifest(out / "digits-1.2.3-cpu.edgepack")
     jsonschema.validate(m, manifest_schema())
-    assert m["schema_version"] == 1 and m["name"] == "digits" and m["version"] == "1.2.3"
+    assert m["schema_version"] == 2 and m["name"] == "digits" and m["version"] == "1.2.3"
     assert m["build_id"].startswith("sha256:") and m["source"]["digest"].startswith("sha256:")
     assert {"torch", "onnx", "onnxruntime", "openvino", "nncf"} <= set(m["toolchain"])
     assert m["profile"]["name"] == "cpu" and m["profile"]["backend"] == "openvino"

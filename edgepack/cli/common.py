@@ -28,3 +28,34 @@ def fmt(v: Any, nd: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def clean_text(s: str) -> str:
+    """``s`` safe to print on a terminal: control and format characters (escape sequences, carriage
+    returns, newlines, bidi overrides, line separators) shown as ``\\x1b``-style escapes, never sent."""
+    if s.isprintable():
+        return s
+    import unicodedata
+
+    parts = []
+    for c in s:
+        if c.isprintable() or c == " ":
+            parts.append(c)
+        elif unicodedata.category(c) in ("Zs",):
+            parts.append(" ")
+        else:
+            o = ord(c)
+            parts.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(parts)
+
+
+def clean(value: Any) -> Any:
+    """A copy of ``value`` (dicts, lists, strings from a manifest, a report, a status file) with every
+    string, keys included, passed through :func:`clean_text`. Apply before printing untrusted data."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from edgepack.cli.common import Format, fmt, out, print_json
+from edgepack.cli.common import clean, Format, fmt, out, print_json
 
 ROOT_HELP = "Install root on this device (also $EDGEPACK_ROOT), e.g. /var/lib/edgepack/<model>."
 PUBKEY_HELP = "Trusted public key (also $EDGEPACK_PUBKEY); default: ROOT/trusted.pub when present."
@@ -25,16 +25,22 @@ def install(
                                   help="Name in status files (default: the host name)."),
     keep: int = typer.Option(2, "--keep", min=2, help="Version folders to keep (current and previous at least)."),
     plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP to the registry (default only on loopback)."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned",
+                                        help="Install without a trusted key (unsigned or unverifiable bundles). "
+                                             "Permanently for this root: create ROOT/allow-unsigned."),
     format: Format = typer.Option(Format.human, "--format"),
 ) -> None:
-    """Verify, check the target, validate on this device, then switch `current` atomically.
-    A failure leaves the active version untouched."""
+    """Verify the signature, check the target, validate on this device, then switch `current`
+    atomically. A failure leaves the active version untouched. Without a trusted key
+    (--pubkey, ROOT/trusted.pub) only --allow-unsigned installs anything."""
     from edgepack.shipping.install import install as run_install
 
-    result = run_install(source, root, pubkey, force, runs, threads, device_id, True if plain_http else None, keep)
+    result = run_install(source, root, pubkey, force, runs, threads, device_id, True if plain_http else None, keep,
+                         allow_unsigned)
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     for n in result["target_notes"]:
         out.print(f"[yellow]note:[/] {escape(n)}")
     out.print(f"[green]installed[/] {escape(result['installed'])}")
@@ -54,6 +60,7 @@ def rollback(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     out.print("[green]rolled back[/]")
     _print_status(result)
 
@@ -69,8 +76,13 @@ def status(
     result = run_status(root, verify)
     if format == Format.json:
         print_json(result)
-        return
-    _print_status(result)
+    else:
+        _print_status(clean(result))  # manifest and report fields are untrusted
+    if result.get("problem"):  # a monitoring script reads the exit code
+        from edgepack.errors import InstallError
+
+        raise InstallError(f"{root}: {result['problem']}",
+                           hint="`edgepack rollback` or install a version; `edgepack status --format json` has details")
 
 
 def _version_line(label: str, v: dict[str, Any] | None) -> str:
@@ -79,6 +91,8 @@ def _version_line(label: str, v: dict[str, Any] | None) -> str:
     val = v["validation"]
     verdict = "[green]pass[/]" if val.get("passed") else "[red]FAIL[/]" if val.get("passed") is False else "-"
     signed = "signed" if v.get("signature_verified") else "unsigned" if not v.get("signed_by") else "signature not checked"
+    if not v.get("signature_verified"):
+        signed += ": figures not protected"
     return (f"{label:<9}{escape(str(v['name']))} {v['version']} ({v['target']}) {v['build_id'][:19]}  validation {verdict}, "
             f"holdout top1 {fmt(val.get('holdout_top1'), 2)}, p50 {fmt(val.get('p50_ms'))} ms  {escape('[' + signed + ']')}")
 

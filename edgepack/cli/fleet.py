@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgepack.cli.common import Format, fmt, out, print_json
+from edgepack.cli.common import clean, Format, fmt, out, print_json
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -26,6 +26,7 @@ def report(
     if format == Format.json:
         print_json(r)
         return
+    r = clean(r)  # manifest and report fields are untrusted
     t = Table(title=f"fleet: {len(r['devices'])} devices")
     for col in ("device", "running", "validation here", "previous", "last attempt", "reported"):
         t.add_column(col)

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgepack.cli.common import Format, fmt, out, print_json
+from edgepack.cli.common import clean, Format, fmt, out, print_json
 
 
 def inspect(
@@ -22,6 +22,7 @@ def inspect(
     if format == Format.json:
         print_json(m)
         return
+    m = clean(m)  # manifest and report fields are untrusted
     rt, meas = m["runtime"], m["measurements"]
     out.print(f"[bold]{escape(m['name'])} {m['version']}[/] for [bold]{m['target']}[/] "
               f"({escape(m['profile']['device']['name'])}), {rt['backend']} {rt['precision']} {rt['format']}")

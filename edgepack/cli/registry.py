@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from edgepack.cli.common import Format, err, out, print_json
+from edgepack.cli.common import clean, Format, err, out, print_json
 
 PLAIN_HELP = "Talk plain HTTP (default: only to 127.0.0.1/localhost; HTTPS everywhere else)."
 
@@ -30,6 +30,7 @@ def push(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     ann = result["annotations"]
     if ann.get("dev.edgepack.acceptance") == "failed":
         err.print("[yellow]warning:[/] this bundle failed its acceptance gates (see `edgepack inspect`)")
@@ -57,6 +58,7 @@ def pull(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     out.print(f"pulled {escape(result['name'])} {result['version']} ({result['target']}) -> {escape(result['bundle'])}")
     out.print(f"digest {result['digest']}")
     if result["signature"]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from edgepack.cli.common import Format, out, print_json
+from edgepack.cli.common import clean, Format, out, print_json
 
 PUBKEY_HELP = "Trusted public key (PEM); also $EDGEPACK_PUBKEY. Without it, only file integrity is checked."
 
@@ -43,6 +43,7 @@ def sign(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     out.print(f"signed {escape(str(bundle))} with key {result['key_id']}")
 
 
@@ -59,6 +60,7 @@ def verify(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     sig = result["signature"]
     out.print(f"[green]OK[/] {escape(result['name'])} {result['version']} ({result['target']}): "
               f"{result['files_checked']} files match their sha256")

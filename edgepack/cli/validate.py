@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from edgepack.cli.common import Format, out, print_json
+from edgepack.cli.common import clean, Format, out, print_json
 
 
 def validate(
@@ -26,6 +26,7 @@ def validate(
     if format == Format.json:
         print_json(result)
         return
+    result = clean(result)  # manifest and report fields are untrusted
     g, lat, h = result["golden"], result["latency"], result["holdout"]
     out.print(f"[green]PASS[/] {escape(result['name'])} {result['version']} ({result['target']}) on {escape(str(result['where']['cpu']))}")
     out.print(f"  integrity      {result['integrity']['files_checked']} files match their sha256")

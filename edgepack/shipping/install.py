@@ -10,21 +10,24 @@ Layout of ROOT (every switch is a rename, so a kill at any point leaves a usable
     previous -> versions/...   the version `rollback` returns to
     state.json            a cache (last attempt, device id); `status` takes the truth from the links
     device-status.json    the report for fleet tools (`edgepack fleet report` reads a folder of them)
-    trusted.pub           optional: when present, every install and rollback requires this key's signature
+    trusted.pub           the fleet's public key: every install and rollback requires its signature
+    allow-unsigned        optional, empty: this device also installs bundles nobody signed (an opt-out;
+                          without it and without a trusted key, install refuses every bundle)
+    switch.json           present only while `current`/`previous` are being switched: the intended
+                          links, so that a switch killed half way is finished by the next command
 
 Steps, in order, each one a test crash point (``EDGEPACK_TEST_CRASH_AT=<step>`` exits with 137 there):
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,16 +35,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import SIGNATURE, _safe_extract, open_bundle
-from edgepack.errors import BundleError, ConfigError, DiskFullError, EdgepackError, InstallError
+from edgepack.bundle import SIGNATURE, open_bundle, read_archive
+from edgepack.errors import BundleError, ConfigError, DiskFullError, EdgepackError, InstallError, SignatureError
 from edgepack.shipping.device import check_target
 
-STEPS = ("locked", "fetched", "extracted", "verified", "validated", "placed", "previous-linked",
+STEPS = ("locked", "fetched", "extracted", "verified", "validated", "placed", "journal-written", "previous-linked",
          "current-linked", "state-written")
-ROLLBACK_STEPS = ("rollback-current-linked", "rollback-previous-linked")
+ROLLBACK_STEPS = ("rollback-journal-written", "rollback-previous-linked", "rollback-current-linked")
 CRASH_ENV = "EDGEPACK_TEST_CRASH_AT"
 DEVICE_ENV = "EDGEPACK_DEVICE_ID"
 TRUSTED = "trusted.pub"
+ALLOW_UNSIGNED = "allow-unsigned"
+JOURNAL = "switch.json"
 STATE = "state.json"
 DEVICE_STATUS = "device-status.json"
 __doc__ += "``" + " -> ".join(STEPS) + "``; rollback: ``" + " -> ".join(ROLLBACK_STEPS) + "``.\n"
@@ -96,6 +101,8 @@ def _resolve(link: Path) -> Path | None:
     if not link.is_symlink():
         return None
     target = (link.parent / os.readlink(link)).resolve()
+    if target.parent != (link.parent / "versions").resolve():  # only ever a folder of ROOT/versions
+        return None
     return target if (target / "bundle" / "manifest.json").is_file() else None
 
 
@@ -133,6 +140,48 @@ def _cleanup(root: Path) -> None:
     for name in ("current.tmp", "previous.tmp"):
         (root / name).unlink(missing_ok=True)
     shutil.rmtree(root / ".downloads", ignore_errors=True)
+    _finish_switch(root)
+
+
+def _switch(root: Path, current: Path, previous: Path | None, steps: tuple[str, str, str]) -> None:
+    """Point `current` (and `previous`, when given) at version folders, crash-safe: the intended
+    pair is written to switch.json first, then the links are renamed; a switch killed in between is
+    finished by :func:`_finish_switch` at the start of the next install, rollback or status."""
+    _write_json(root / JOURNAL, {"current": current.name, "previous": previous.name if previous else None})
+    _crash(steps[0])
+    if previous is not None:
+        _link(root / "previous", previous)
+    _crash(steps[1])
+    _link(root / "current", current)
+    _crash(steps[2])
+    (root / JOURNAL).unlink()
+    _fsync_dir(root)
+
+
+def _finish_switch(root: Path) -> None:
+    """Complete a switch that switch.json says was under way (both folders must still be there)."""
+    j = _read_json(root / JOURNAL)
+    if j is None:
+        (root / JOURNAL).unlink(missing_ok=True)
+        return
+    folders = []
+    for key in ("current", "previous"):
+        name = j.get(key)
+        ok = isinstance(name, str) and "/" not in name and not name.startswith(".") and \
+            (root / "versions" / name / "bundle" / "manifest.json").is_file()
+        folders.append(root / "versions" / name if ok else None)
+    cur, prev = folders
+    if prev is not None:
+        _link(root / "previous", prev)
+    if cur is not None:
+        _link(root / "current", cur)
+    (root / JOURNAL).unlink(missing_ok=True)
+    _fsync_dir(root)
+
+
+def unsigned_allowed(root: Path, flag: bool = False) -> bool:
+    """The documented opt-out: --allow-unsigned, or an ``allow-unsigned`` file in the root."""
+    return flag or (root / ALLOW_UNSIGNED).is_file()
 
 
 def trusted_key(root: Path, pubkey: Path | None) -> Path | None:
@@ -167,15 +216,10 @@ def _extract(bundle: Path, dest: Path) -> None:
         shutil.copytree(bundle, dest, dirs_exist_ok=True)
         return
     try:
-        with tarfile.open(bundle, "r:*") as tar:
-            _safe_extract(tar, dest, str(bundle))
-    except (tarfile.TarError, EOFError) as e:
-        raise BundleError(f"{bundle}: not a readable bundle archive (truncated or corrupt?): {e}") from e
-    except OSError as e:  # a failed write: the staging folder is removed by the caller
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise DiskFullError(f"no space left in {dest.parent.parent} while extracting {bundle.name}; "
-                                "the active version is unchanged") from e
-        raise InstallError(f"cannot extract {bundle.name} into {dest.parent.parent}: {e.strerror or e}") from e
+        read_archive(bundle, dest, str(bundle))  # checked before a byte is written; the caller removes staging
+    except DiskFullError as e:
+        raise DiskFullError(f"no space left in {dest.parent.parent} for {bundle.name}: {e.message}; "
+                            "the active version is unchanged") from e
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -189,9 +233,12 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def install(source: str, root: Path, pubkey: Path | None = None, force: bool = False, runs: int | None = None,
             threads: int | None = None, device_id: str | None = None, plain_http: bool | None = None,
-            keep: int = 2) -> dict[str, Any]:
+            keep: int = 2, allow_unsigned: bool = False) -> dict[str, Any]:
     """Fetch, verify, check the target, extract, validate here, and only then switch `current`.
-    Any failure leaves the active version as it was, and is recorded in the status file."""
+    Any failure leaves the active version as it was, and is recorded in the status file.
+
+    Safe by default: without a trusted key (--pubkey, $EDGEPACK_PUBKEY, ROOT/trusted.pub) nothing is
+    installed unless unsigned bundles are allowed (``allow_unsigned`` or ROOT/allow-unsigned)."""
     from edgepack.validation import validate
 
     root = Path(root).resolve()
@@ -203,6 +250,13 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
         attempt: dict[str, Any] = {"action": "install", "source": source, "at": _now()}
         staging = root / "versions" / f".staging-{os.getpid()}"
         try:
+            if key is None and not unsigned_allowed(root, allow_unsigned):
+                raise SignatureError(
+                    f"{root}: no trusted key is configured, so the bundle's signature cannot be checked; "
+                    "this device installs only signed bundles",
+                    hint=f"copy the fleet's public key to {root / TRUSTED} (or pass --pubkey); to accept unsigned "
+                         f"bundles here, pass --allow-unsigned or create {root / ALLOW_UNSIGNED}",
+                    reason="missing")
             bundle, pinned = _fetch(source, root, key, plain_http)
             attempt["pinned"] = pinned
             _crash("fetched")
@@ -232,11 +286,8 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
             _place(staging, final, reuse)
             _crash("placed")
             old = _resolve(root / "current")
-            if old is not None and old != final:
-                _link(root / "previous", old)
-            _crash("previous-linked")
-            _link(root / "current", final)
-            _crash("current-linked")
+            _switch(root, final, old if old is not None and old != final else None,
+                    ("journal-written", "previous-linked", "current-linked"))
         except EdgepackError as e:
             shutil.rmtree(staging, ignore_errors=True)
             _record(root, attempt | {"result": "failed", "error": e.message, "exit_code": e.exit_code}, device_id)
@@ -316,11 +367,7 @@ def rollback(root: Path, pubkey: Path | None = None, device_id: str | None = Non
         except EdgepackError as e:
             _record(root, attempt | {"result": "failed", "error": e.message, "exit_code": e.exit_code}, device_id)
             raise
-        _link(root / "current", prev)
-        _crash("rollback-current-linked")
-        if cur is not None:
-            _link(root / "previous", cur)
-        _crash("rollback-previous-linked")
+        _switch(root, prev, cur, ROLLBACK_STEPS)
         _record(root, attempt | {"result": "rolled back"}, device_id)
         return status(root)
 
@@ -361,6 +408,9 @@ def status(root: Path, verify: bool = False) -> dict[str, Any]:
     root = Path(root).resolve()
     if not (root / "versions").is_dir():
         raise InstallError(f"{root}: nothing is installed here", hint="`edgepack install BUNDLE --root DIR` first")
+    if (root / JOURNAL).exists():  # a switch was killed half way: finish it, unless a command is running
+        with contextlib.suppress(InstallError, OSError), _locked(root):
+            _finish_switch(root)
     cur, prev = _resolve(root / "current"), _resolve(root / "previous")
     state = _read_json(root / STATE) or {}
     result: dict[str, Any] = {
@@ -369,7 +419,9 @@ def status(root: Path, verify: bool = False) -> dict[str, Any]:
         "active": _describe(cur), "previous": _describe(prev) if prev != cur else None,
         "last_attempt": state.get("last_attempt"),
         "versions_on_disk": sorted(p.name for p in (root / "versions").iterdir() if not p.name.startswith(".")),
-        "interrupted": any((root / "versions").glob(".staging-*")) or (root / "current.tmp").is_symlink(),
+        "interrupted": any((root / "versions").glob(".staging-*")) or (root / "current.tmp").is_symlink()
+        or (root / JOURNAL).exists(),
+        "unsigned_allowed": unsigned_allowed(root), "trusted_key": (root / TRUSTED).is_file(),
         "state_cache": "ok" if state.get("current") == (cur.name if cur else None) else "stale (links are the truth)",
     }
     if (root / "current").is_symlink() and cur is None:

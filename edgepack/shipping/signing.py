@@ -187,7 +187,7 @@ def sign_bundle(bundle: Path, key: Path | Any) -> dict[str, Any]:
     fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".partial", dir=bundle.parent)
     os.close(fd)
     try:
-        with tarfile.open(bundle, "r:*") as tin, tarfile.open(tmp, "w") as tout:
+        with tarfile.open(bundle, "r:") as tin, tarfile.open(tmp, "w") as tout:
             for info in tin.getmembers():
                 if info.name.lstrip("./") == SIGNATURE:
                     continue  # re-signing replaces the old signature

@@ -89,18 +89,28 @@ def rewrite_member(src: Path, dst: Path, name: str, change) -> None:
             tout.addfile(info, io.BytesIO(data))
 
 
+def edit_manifest(src: Path, dst: Path, change) -> None:
+    """Copy a bundle with its manifest dict passed through ``change`` and the build id recomputed,
+    as someone who knows the sealing rule would do it (an unsigned bundle cannot tell)."""
+    from edgepack.bundle import Manifest, open_bundle, seal
+
+    with open_bundle(src) as opened:
+        def edit(data: bytes) -> bytes:
+            m = json.loads(data)
+            change(m)
+            m["build_id"] = seal(opened.root, Manifest.model_validate(m))
+            return json.dumps(m, indent=2).encode()
+
+        rewrite_member(src, dst, "manifest.json", edit)
+
+
 @pytest.fixture(scope="session")
 def tampered(signed_v1, tmp_path_factory) -> Path:
-    """The signed bundle with a better accuracy figure written into its manifest after signing:
-    every file still matches the manifest, only the signature can tell."""
+    """The signed bundle with a better accuracy figure written into its manifest after signing, and
+    the build id recomputed as an editor who knows the rule would: every file and the build id still
+    match the manifest, only the signature can tell."""
     dst = tmp_path_factory.mktemp("tampered") / "digits-1.2.3-onnx.edgepack"
-
-    def boast(data: bytes) -> bytes:
-        m = json.loads(data)
-        m["measurements"]["compiled"]["accuracy"]["value"] = 99.99
-        return json.dumps(m, indent=2).encode()
-
-    rewrite_member(signed_v1, dst, "manifest.json", boast)
+    edit_manifest(signed_v1, dst, lambda m: m["measurements"]["compiled"]["accuracy"].update(value=99.99))
     return dst
 
 
