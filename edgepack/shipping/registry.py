@@ -37,7 +37,10 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 # (over two minutes against a registry that is down), too long for an install script to report.
 RETRIES = 4
 BACKOFF_S = 0.5
-TIMEOUT_S = (5.0, 60.0)  # connect, read: requests has no default and would wait forever
+TIMEOUT_S = (5.0, 20.0)  # connect, read (between bytes): requests has no default and would wait forever
+# A registry that accepts connections but never answers is hung, not busy: one retry, then give up
+# (with every attempt waiting the full read timeout, four attempts took over four minutes).
+MAX_READ_TIMEOUTS = 2
 RETRY_STATUS = {429, 502, 503, 504}
 CHUNKED_ABOVE_BYTES = 64 << 20  # monolithic PUT reads the blob into memory; chunk bigger ones
 
@@ -63,12 +66,21 @@ def with_retries(call: Callable[[], Any], registry: str, what: str) -> Any:
     """Run ``call`` (returning a requests.Response) with edgepack's retry policy."""
     _, requests = _oras()
     last: str = ""
+    read_timeouts = 0
     for attempt in range(RETRIES):
         try:
             resp = call()
         except requests.exceptions.SSLError as e:
             raise RegistryError(f"TLS with registry {registry} failed while trying to {what}: {e}",
                                 hint="for a plain-HTTP registry pass --plain-http") from e
+        except requests.exceptions.ReadTimeout as e:
+            read_timeouts += 1
+            last = _reason(e)
+            if read_timeouts >= MAX_READ_TIMEOUTS:
+                raise RegistryUnreachableError(
+                    f"registry {registry} accepted the connection but did not answer within {TIMEOUT_S[1]:.0f} s, "
+                    f"{read_timeouts} times, while trying to {what}",
+                    hint="the registry is hung or overloaded; check it, then retry") from e
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
             last = _reason(e)
         else:
@@ -298,13 +310,29 @@ def _write_error(e: OSError, folder: Path, doing: str) -> EdgepackError:
                        hint="check the destination folder exists and is writable")
 
 
-def _bundle_layer(oci: dict[str, Any], ref: Ref) -> dict[str, Any]:
+def _bundle_layer(oci: Any, ref: Ref) -> dict[str, Any]:
+    """The one bundle layer of an OCI manifest, its digest and size checked (the registry is untrusted)."""
+    from edgepack.bundle import max_bundle_bytes
+
+    if not isinstance(oci, dict) or not isinstance(oci.get("config") or {}, dict) \
+            or not isinstance(oci.get("layers") or [], list):
+        raise BundleError(f"{ref}: the registry's manifest is not an OCI image manifest")
     kind = oci.get("artifactType") or (oci.get("config") or {}).get("mediaType")
-    layers = [la for la in oci.get("layers") or [] if la.get("mediaType") == MEDIA_BUNDLE]
+    layers = [la for la in oci.get("layers") or [] if isinstance(la, dict) and la.get("mediaType") == MEDIA_BUNDLE]
     if kind not in (ARTIFACT_TYPE, MEDIA_CONFIG) or len(layers) != 1:
-        raise BundleError(f"{ref} is not an edgepack bundle (artifact type {kind!r})",
+        raise BundleError(f"{ref} is not an edgepack bundle (artifact type {str(kind)[:80]!r})",
                           hint="push bundles with `edgepack push`; pull other artifacts with oras or docker")
-    return layers[0]
+    layer = layers[0]
+    size, digest = layer.get("size"), layer.get("digest")
+    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise BundleError(f"{ref}: the bundle layer's digest {str(digest)[:80]!r} is not a sha256 digest")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= max_bundle_bytes():
+        raise BundleError(f"{ref}: the registry names a bundle of {str(size)[:40]} bytes "
+                          f"(a positive size up to {max_bundle_bytes():,} is accepted)",
+                          hint="raise $EDGEPACK_MAX_BUNDLE_BYTES if this bundle is expected to be that large")
+    if not isinstance(layer.get("annotations") or {}, dict) or not isinstance(oci.get("annotations") or {}, dict):
+        raise BundleError(f"{ref}: the registry's manifest has malformed annotations")
+    return layer
 
 
 def _file_name(layer: dict[str, Any], oci: dict[str, Any]) -> str:
