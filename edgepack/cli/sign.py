@@ -9,6 +9,8 @@ from rich.markup import escape
 
 from edgepack.cli.common import clean, Format, out, print_json
 
+UNSIGNED_NOTE = ("unsigned: the manifest's figures are not protected (its build id catches accidental edits only; "
+                 "sign with `edgepack sign`)")
 PUBKEY_HELP = "Trusted public key (PEM); also $EDGEPACK_PUBKEY. Without it, only file integrity is checked."
 
 
@@ -67,6 +69,7 @@ def verify(
     if sig["verified"]:
         out.print(f"  signature valid, key {sig['key_id']}")
     elif sig.get("signed"):
-        out.print(f"  [yellow]signed by key {sig['key_id']}, not checked[/] (pass --pubkey to check it)")
+        out.print(f"  [yellow]signed by key {escape(sig['key_id'])}, not checked[/] (pass --pubkey to check it): "
+                  "until it is, the manifest's figures are not protected")
     else:
-        out.print("  [yellow]not signed[/]")
+        out.print(f"  [yellow]{UNSIGNED_NOTE}[/]")

@@ -32,6 +32,10 @@ def validate(
     out.print(f"  integrity      {result['integrity']['files_checked']} files match their sha256")
     if result.get("signature"):
         out.print(f"  signature      valid, key {result['signature']['key_id'][:23]}...")
+    else:
+        from edgepack.cli.sign import UNSIGNED_NOTE
+
+        out.print(f"  signature      [yellow]not checked (no --pubkey); {UNSIGNED_NOTE}[/]")
     out.print(f"  golden outputs {g['samples']} samples, {g['within_tolerance']:.1%} within tolerance, "
               f"top-1 agreement {g['top1_agreement']:.1%}, max abs diff {g['max_abs_diff']:.4g}")
     if h:
