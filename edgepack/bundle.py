@@ -279,7 +279,9 @@ def read_manifest_json(data: dict, where: str) -> Manifest:
     except PydanticValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{where}: manifest.json is invalid at '{key[:120]}': {first['msg'][:200]}") from e
+        msg = first["msg"].removeprefix("Value error, ")[:200]
+        at = f" at '{key[:120]}'" if key else ""
+        raise BundleError(f"{where}: manifest.json is invalid{at}: {msg}") from e
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -440,18 +442,22 @@ def open_bundle(path: Path, verify: bool = True) -> Iterator[OpenedBundle]:
     if not path.exists():
         raise ConfigError(f"{path}: bundle not found")
     where = str(path)
-    with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as tmp:
-        root = Path(tmp)
-        if path.is_dir():
-            root = path
-            mfile = root / MANIFEST
-            if not mfile.is_file() or mfile.is_symlink():
-                raise BundleError(f"{where}: no manifest.json inside")
-            if mfile.stat().st_size > MAX_MANIFEST_BYTES:
-                raise BundleError(f"{where}: manifest.json is larger than {MAX_MANIFEST_BYTES:,} bytes")
-            manifest = parse_manifest(mfile.read_bytes(), where)
-        else:
-            manifest = read_archive(path, root, where)
+    if path.is_dir():
+        mfile = path / MANIFEST
+        if not mfile.is_file() or mfile.is_symlink():
+            raise BundleError(f"{where}: no manifest.json inside")
+        if mfile.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{where}: manifest.json is larger than {MAX_MANIFEST_BYTES:,} bytes")
+        manifest = parse_manifest(mfile.read_bytes(), where)
+        if verify:
+            verify_files(path, manifest, where)
+        yield OpenedBundle(path, path, manifest)
+        return
+    from edgepack.scratch import locked_dir
+
+    with locked_dir(None, "edgepack-bundle-") as tmp:  # a killed reader's copy is removed by the next one
+        root = tmp / "bundle"
+        manifest = read_archive(path, root, where)
         if verify:
             verify_files(root, manifest, where)
         yield OpenedBundle(path, root, manifest)

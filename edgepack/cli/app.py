@@ -7,7 +7,7 @@ import typer
 from edgepack import __version__
 from edgepack.cli import build, doctor, engine, init, inspect, targets, validate
 from edgepack.cli import device, fleet, registry, sign
-from edgepack.cli.main import EdgepackGroup
+from edgepack.cli.group import EdgepackGroup
 
 app = typer.Typer(
     cls=EdgepackGroup,

@@ -1,92 +1,17 @@
-"""Entry point and the one place where errors become `error:` / `hint:` lines and exit codes."""
+"""The entry point. It imports almost nothing before it is ready for Ctrl-C and SIGTERM, so an
+interrupt at any moment (even while the CLI's modules load) ends with one `error:` line, not a
+traceback; errors are mapped in :mod:`edgepack.cli.group`."""
 
 from __future__ import annotations
 
-import errno
 import signal
 import sys
 
-import typer
-from typer.core import TyperGroup
-
-from edgepack.errors import (ConfigError, DiskFullError, EdgepackError, InterruptedBuildError, TerminatedError,
-                             ToolchainError)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that every `finally` and context manager cleans up
-    exactly as for Ctrl-C."""
-
 
 def _on_sigterm(signum, frame) -> None:
+    from edgepack.cli.group import Terminated
+
     raise Terminated()
-
-
-def report(exc: EdgepackError) -> None:
-    from rich.markup import escape
-
-    from edgepack.cli.common import clean_text, err
-
-    err.print(f"[bold red]error:[/] {escape(clean_text(exc.message))}")
-    err.print(f"[dim]hint:[/] {escape(clean_text(exc.hint))}")
-
-
-def _no_space(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT at the root of ``exc``, if any: converters wrap it in their own errors."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            return exc
-        if "No space left on device" in str(exc):
-            return OSError(errno.ENOSPC, "No space left on device")
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
-
-
-def from_os_error(e: OSError) -> EdgepackError:
-    """A file-system failure no module turned into an EdgepackError: one line, the class's exit code."""
-    where = f"{e.filename}: " if e.filename else ""
-    if _no_space(e):
-        return DiskFullError(f"{where}no space left on the device; nothing partial was kept")
-    what = e.strerror or str(e)
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ConfigError(f"{where}{what}", hint="choose a folder you can write to (or fix its permissions)")
-    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG):
-        return ConfigError(f"{where}{what}", hint="check the path: its folder must exist and be a folder")
-    return EdgepackError(f"{where}{what}")
-
-
-def interrupted(exc: KeyboardInterrupt) -> EdgepackError:
-    if isinstance(exc, Terminated):
-        return TerminatedError("terminated (SIGTERM); no partial output was left behind")
-    return InterruptedBuildError("interrupted; no partial output was left behind")
-
-
-class EdgepackGroup(TyperGroup):
-    """Catches EdgepackError once for every command; a traceback only with --debug."""
-
-    def invoke(self, ctx: typer.Context):
-        try:
-            return super().invoke(ctx)
-        except (KeyboardInterrupt, EdgepackError, OSError) as e:
-            if (ctx.obj or {}).get("debug"):
-                import traceback
-
-                traceback.print_exc()
-            exc = as_edgepack_error(e)
-        report(exc)
-        raise typer.Exit(exc.exit_code) from None
-
-
-def as_edgepack_error(e: BaseException) -> EdgepackError:
-    if isinstance(e, KeyboardInterrupt):
-        return interrupted(e)
-    if isinstance(e, ToolchainError) and _no_space(e):
-        return DiskFullError(f"{e.message} (no space left on the device)")
-    if isinstance(e, EdgepackError):
-        return e
-    return from_os_error(e)
 
 
 def main() -> None:
@@ -96,6 +21,8 @@ def main() -> None:
 
         app(prog_name="edgepack")
     except KeyboardInterrupt as e:  # before a command started (imports) or after it ended
+        from edgepack.cli.group import interrupted, report
+
         exc = interrupted(e)
         report(exc)
         sys.exit(exc.exit_code)

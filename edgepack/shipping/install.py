@@ -289,6 +289,7 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
             _switch(root, final, old if old is not None and old != final else None,
                     ("journal-written", "previous-linked", "current-linked"))
         except EdgepackError as e:
+            e.message = e.message.replace(str(staging / "bundle"), source)  # name what the user gave
             shutil.rmtree(staging, ignore_errors=True)
             _record(root, attempt | {"result": "failed", "error": e.message, "exit_code": e.exit_code}, device_id)
             raise
