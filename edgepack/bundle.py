@@ -188,7 +188,7 @@ class Manifest(Strict):
         if self.validation.holdout_file is not None:
             pointers["validation.holdout_file"] = self.validation.holdout_file
         if self.text is not None:
-            pointers["text.tokenizer_file"] = self.text.get("tokenizer_file")
+            pointers["text.tokenizer"] = self.text.get("tokenizer")
             for i, f in enumerate(self.text.get("files") or []):
                 pointers[f"text.files.{i}"] = f
         for key, value in pointers.items():

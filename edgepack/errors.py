@@ -7,6 +7,7 @@ with ``exit_code``. Library code raises these and never prints.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -159,6 +160,35 @@ class TerminatedError(InterruptedBuildError):
     """SIGTERM: handled like Ctrl-C (scratch folders removed, the install root unchanged)."""
 
     exit_code = 143
+
+
+def no_space(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT at the root of ``exc``, if any: converters wrap it in their own errors."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return exc
+        if "No space left on device" in str(exc):
+            return OSError(errno.ENOSPC, "No space left on device")
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def native_write_error(e: BaseException, path, doing: str) -> EdgepackError:
+    """A write by native code (OpenVINO's serializer and the like) failed with a message that does not
+    say why ("basic_ios::clear: iostream error"): a full file system is the usual cause, so check it."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if no_space(e) or (free is not None and free < (4 << 20)):
+        return DiskFullError(f"no space left in {folder} while {doing} ({free if free is not None else '?'} bytes free)")
+    return ToolchainError(f"{doing} failed: {e}")
 
 
 def close_match(word: str, choices: Iterable[str]) -> str | None:

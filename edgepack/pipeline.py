@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,8 +23,10 @@ from edgepack.backends import get_backend
 from edgepack.backends.base import Backend
 from edgepack.bundle import Manifest, Measured, Source, bundle_name, write_bundle
 from edgepack.calibration.reader import SampleSet, load_samples
-from edgepack.errors import AcceptanceError, CalibrationError, ConfigError, ToolchainError
+from edgepack.errors import (AcceptanceError, CalibrationError, ConfigError, DiskFullError, EdgepackError,
+                             ToolchainError, no_space)
 from edgepack.measure import accuracy as acc
+from edgepack.scratch import locked_dir
 from edgepack.measure.latency import latency_at_shapes, measure_interleaved, measure_latency
 from edgepack.measure.memory import measure_peak_memory
 from edgepack.project import Project, find_project, load_project, with_prune_flags
@@ -165,20 +166,24 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
                           hint="point model.path at file.py:factory, or remove prune")
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
-    scratch = Path(tempfile.mkdtemp(prefix=".edgepack-", suffix=".build", dir=out))
+    # inside --out (bundles are renamed from it); a killed build's folder is removed by the next one
     try:
-        from edgepack.loaders.resolve import resolve
+        with locked_dir(out, ".edgepack-", ".build") as scratch:
+            from edgepack.loaders.resolve import resolve
 
-        resolved = resolve(project, scratch / "source")
-        shared = _Shared(resolved.project, _source_of(project, find_project(project_path)), toolchain=_versions(),
-                         tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps},
-                         text=resolved.text, text_root=resolved.text_root, hf=resolved.hf,
-                         prune_flags={k: v for k, v in (prune or {}).items() if v is not None})
-        _prepare_data(shared, profiles[0], progress)
-        return [_build_target(shared, prof, backend, options, out, scratch, threads, progress)
-                for prof, backend, options in plans]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            resolved = resolve(project, scratch / "source")
+            shared = _Shared(resolved.project, _source_of(project, find_project(project_path)), toolchain=_versions(),
+                             tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps},
+                             text=resolved.text, text_root=resolved.text_root, hf=resolved.hf,
+                             prune_flags={k: v for k, v in (prune or {}).items() if v is not None})
+            _prepare_data(shared, profiles[0], progress)
+            return [_build_target(shared, prof, backend, options, out, scratch, threads, progress)
+                    for prof, backend, options in plans]
+    except (OSError, EdgepackError) as e:
+        if isinstance(e, DiskFullError) or not no_space(e):
+            raise
+        raise DiskFullError(f"--out {out}: no space left on its file system while building; nothing partial "
+                            "was kept") from e
 
 
 def raise_for_acceptance(results: list[BuildResult]) -> None:
@@ -434,7 +439,11 @@ def _reference(shared: _Shared, art: ModelArtifact, threads: int, profile: Targe
         with _Stage(progress, "measure fp32 reference") as st:
             measured, outputs = _measure(shared, ort, art.path, list(art.all_files), art.path.parent, threads,
                                          profile, "fp32 reference: exported ONNX on onnxruntime")
+            acc.check_finite(outputs, shared.evaluation, [o.name for o in art.outputs])
             labels = shared.evaluation.labels
+            if shared.metric == "top1" and shared.project.labels is None:  # no class list: the output width is it
+                from edgepack.calibration.reader import check_label_classes
+                check_label_classes(shared.evaluation, int(outputs[0][0].shape[-1]), "the model's output")
             measured.accuracy = acc.score(shared.metric, outputs, labels, outputs)
             st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
         shared.references[key] = {"measured": measured, "outputs": outputs}

@@ -234,15 +234,16 @@ class Project(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(r"^[a-z0-9][a-z0-9._-]*$", v):
-            raise ValueError("use lowercase letters, digits, '.', '_' and '-' (it names the bundle file)")
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{0,63}$", v) or ".." in v:
+            raise ValueError(f"{v[:80]!r} is not a project name: use lowercase letters, digits, '.', '_' and '-' "
+                             "(at most 64 characters, no '..'; it names the bundle file)")
         return v
 
     @field_validator("version", mode="before")
     @classmethod
     def _semver(cls, v: object) -> str:
-        if not SEMVER.match(str(v)):
-            raise ValueError(f"'{v}' is not a semantic version such as 1.0.0")
+        if not SEMVER.match(str(v)) or len(str(v)) > 64 or ".." in str(v):
+            raise ValueError(f"'{str(v)[:80]}' is not a semantic version such as 1.0.0 (at most 64 characters)")
         return str(v)
 
     @field_validator("model", mode="before")

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgepack.errors import ConfigError, did_you_mean
 from edgepack.yamlio import load_model, read_yaml
 
 TARGETS_PATH_ENV = "EDGEPACK_TARGETS_PATH"
+# profile names and aliases are kebab-case: they name bundle files and registry tags
+PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class Frozen(BaseModel):
@@ -89,6 +92,22 @@ class TargetProfile(Frozen):
     measurement: Measurement = Field(default_factory=Measurement)
     acceptance: Gates = Field(default_factory=Gates)
     source: str = Field(default="", description="where the profile was read from")
+
+    @field_validator("name")
+    @classmethod
+    def _kebab(cls, v: str) -> str:
+        if not PROFILE_NAME.match(v):
+            raise ValueError(f"{v!r} is not a profile name: use lowercase letters, digits and '-' (kebab-case, "
+                             "at most 63 characters, no '/' or '.'); it names the bundle file")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _kebab_aliases(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if not PROFILE_NAME.match(a)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a profile name: use lowercase letters, digits and '-' (kebab-case)")
+        return v
 
 
 def _builtin_files() -> list[Path]:

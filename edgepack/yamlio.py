@@ -18,7 +18,15 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found", hint="give the path with --project, or run `edgepack init`")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line})",
+                          hint="save the file as UTF-8 (most editors: 'Save with encoding')") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file: {e.strerror}") from e
+    try:
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
-from edgepack.errors import ToolchainError
+from edgepack.errors import native_write_error, ToolchainError
 
 
 _CORE: list[Any] = []
@@ -135,7 +135,10 @@ class OpenVINOBackend(Backend):
                         "fast_bias_correction": options.fast_bias_correction,
                         "calibration_samples": len(calibration),
                         "calibration_fingerprint": calibration.fingerprint})
-        ov.save_model(ov_model, str(xml), compress_to_fp16=target.precision == "fp16")
+        try:
+            ov.save_model(ov_model, str(xml), compress_to_fp16=target.precision == "fp16")
+        except RuntimeError as e:
+            raise native_write_error(e, xml, "saving the OpenVINO model") from e
         files = (xml, xml.with_suffix(".bin"))
         return model.derive("compile", cfg, started, path=xml, files=files, format=self.produces,
                             precision=target.precision)

@@ -32,6 +32,7 @@ class SampleSet:
     labels: list[int] | None
     source: str
     texts: list[str] | None = None  # the raw texts, for text sources (shipped as the bundle's holdout)
+    indices: list[int] | None = None  # each sample's index in its source (None: 0, 1, 2, ...), for messages
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -115,18 +116,62 @@ def load_samples(
         raise CalibrationError(f"{role} data from {source} is empty", hint="give at least one sample")
     if ys is not None and len(ys) != n_all:
         raise CalibrationError(f"{role} data from {source}: {n_all} samples but {len(ys)} labels")
+    idx = list(range(n_all))
     if samples is not None and samples < n_all:
-        idx = np.sort(np.random.default_rng(seed).choice(n_all, size=samples, replace=False))
+        idx = [int(i) for i in np.sort(np.random.default_rng(seed).choice(n_all, size=samples, replace=False))]
         if texts is not None:
             texts = [texts[i] for i in idx]
         else:
             xs = [xs[i] for i in idx]
         ys = [ys[i] for i in idx] if ys is not None else None
+    if ys is not None:
+        ys = check_labels(ys, idx, source, len(labels) if labels else None,
+                          "the project's `labels`" if labels else None)
     if texts is not None:
         xs = [text.encode(t, f"{where}: {source} text {i + 1}") for i, t in enumerate(texts)]
     for i, x in enumerate(xs):
         check_sample(x, inputs, f"{role} sample {i} from {source}")
-    return SampleSet(xs, ys, source, texts)
+    for i, x in zip(idx, xs):
+        check_finite(x, source, i)
+    return SampleSet(xs, ys, source, texts, idx)
+
+
+def check_finite(sample: dict[str, np.ndarray], source: str, index: int) -> None:
+    """Refuse NaN/Inf in a float input: they would make calibration ranges and accuracy meaningless."""
+    for name, a in sample.items():
+        if a.dtype.kind not in "fc" or bool(np.isfinite(a).all()):
+            continue
+        what = "NaN" if bool(np.isnan(a).any()) else "Inf"
+        raise CalibrationError(f"{source}: input '{name}' sample {index} holds {what}",
+                               hint="clean or drop such samples (np.isfinite(x).all()) before building; NaN/Inf "
+                                    "would corrupt the INT8 ranges and the measured accuracy")
+
+
+def check_labels(raw: list[Any], indices: list[int], source: str, n_classes: int | None,
+                 classes_from: str | None = None) -> list[int]:
+    """Labels as class indices: whole numbers, >= 0 and, given ``n_classes``, below it.
+
+    ``indices`` are the samples' indices in ``source`` (for the message)."""
+    out = []
+    hint = "labels are class indices 0..N-1, one per sample"
+    for i, v in zip(indices, raw):
+        a = np.asarray(v)
+        if a.size != 1 or a.dtype.kind not in "iubf":
+            raise CalibrationError(f"{source}: label of sample {i} is {v!r}, not a class index", hint=hint)
+        x = a.reshape(()).item()
+        if isinstance(x, float) and not (np.isfinite(x) and x == int(x)):
+            raise CalibrationError(f"{source}: label {x!r} of sample {i} is not a whole class index", hint=hint)
+        x = int(x)
+        if x < 0:
+            raise CalibrationError(f"{source}: label {x} of sample {i} is negative; class indices start at 0"
+                                   + (f" (the model has {n_classes} classes)" if n_classes is not None else ""),
+                                   hint=hint)
+        if n_classes is not None and x >= n_classes:
+            of = f" of {classes_from}" if classes_from else ""
+            raise CalibrationError(f"{source}: label {x} of sample {i} is outside the {n_classes} classes{of} "
+                                   f"(0..{n_classes - 1})", hint=hint)
+        out.append(x)
+    return out
 
 
 def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: str) -> None:
@@ -161,13 +206,27 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
 
 
 def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str):
+    hint = "the file is damaged (an interrupted copy or download?); write it again with np.savez"
     try:
-        data = np.load(path, allow_pickle=False)
+        archive = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy raises many kinds
-        raise CalibrationError(f"{where}: cannot read {path}: {e}") from e
-    keys = set(data.files)
-    labels = [int(v) for v in data["labels"]] if "labels" in keys else None
+        raise CalibrationError(f"{where}: cannot read {path}: {e}", hint=hint) from e
+    keys = set(archive.files)
     names = [t.name for t in inputs]
+    data: dict[str, np.ndarray] = {}
+    with archive:
+        wanted = [*names, "labels"] + ([] if all(n in keys for n in names) else ["images"])
+        for k in wanted:  # each member read once, here, where a corrupt one is caught
+            if k in keys and k not in data:
+                try:
+                    data[k] = archive[k]
+                except Exception as e:  # BadZipFile (CRC), EOFError, zlib.error, ValueError
+                    if isinstance(e, ValueError) and "allow_pickle" in str(e):
+                        raise CalibrationError(f"{where}: {path}: array '{k}' holds Python objects, which are not "
+                                               "loaded (pickle)", hint="store numeric arrays only") from e
+                    raise CalibrationError(f"{where}: {path} is corrupt: cannot read its array '{k}' ({e})",
+                                           hint=hint) from e
+    labels = list(data["labels"]) if "labels" in keys else None  # checked by load_samples
     if all(n in keys for n in names):
         n = len(data[names[0]])
         if any(len(data[k]) != n for k in names):
@@ -234,6 +293,9 @@ def import_callable(spec: str, root: Path, where: str):
     file = Path(file_part) if Path(file_part).is_absolute() else root / file_part
     if not file.is_file():
         raise ModelError(f"{where}: {file} not found", hint="paths are relative to the project folder")
+    if file.stat().st_size == 0:
+        raise ModelError(f"{where}: {file.name} is empty (0 bytes)",
+                         hint="the file was not written completely (an interrupted save or copy?); write it again")
     mod_name = f"edgepack_user_{abs(hash(str(file.resolve())))}"
     module = sys.modules.get(mod_name)
     if module is None:
@@ -242,6 +304,10 @@ def import_callable(spec: str, root: Path, where: str):
         sys.modules[mod_name] = module
         try:
             mspec.loader.exec_module(module)
+        except SystemExit as e:  # a script's exit code is not edgepack's (3 would read as "gate failed")
+            del sys.modules[mod_name]
+            raise ModelError(f"{where}: importing {file.name} called sys.exit({e.code!r})",
+                             hint="move script code under `if __name__ == '__main__':`") from e
         except Exception as e:
             del sys.modules[mod_name]
             raise ModelError(f"{where}: importing {file.name} failed: {type(e).__name__}: {e}") from e
@@ -255,6 +321,9 @@ def _from_callable(spec: str, root: Path, inputs: list[TensorSpec], where: str):
     fn = import_callable(spec, root, where)
     try:
         items = list(fn())
+    except SystemExit as e:
+        raise CalibrationError(f"{where}: {spec} called sys.exit({e.code!r})",
+                               hint="the function must return or yield samples, not exit the process") from e
     except Exception as e:
         raise CalibrationError(f"{where}: {spec} raised {type(e).__name__}: {e}") from e
     xs, ys = [], []
@@ -273,4 +342,11 @@ def _from_callable(spec: str, root: Path, inputs: list[TensorSpec], where: str):
     labelled = [y is not None for y in ys]
     if any(labelled) and not all(labelled):
         raise CalibrationError(f"{where}: {spec} yields labels for some samples only")
-    return xs, ([int(y) for y in ys] if ys and all(labelled) else None)
+    return xs, (ys if ys and all(labelled) else None)  # checked by load_samples
+
+
+def check_label_classes(data: SampleSet, n_classes: int, classes_from: str) -> None:
+    """The labels of ``data`` against ``n_classes`` (known only once the model has run, when the
+    project lists no `labels`)."""
+    if data.labels is not None:
+        check_labels(data.labels, data.indices or list(range(len(data))), data.source, n_classes, classes_from)

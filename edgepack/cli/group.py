@@ -9,7 +9,8 @@ import errno
 import typer
 from typer.core import TyperGroup
 
-from edgepack.errors import ConfigError, DiskFullError, EdgepackError, InterruptedBuildError, TerminatedError
+from edgepack.errors import (ConfigError, DiskFullError, EdgepackError, InterruptedBuildError, TerminatedError,
+                             no_space)
 
 
 class Terminated(KeyboardInterrupt):
@@ -26,25 +27,20 @@ def report(exc: EdgepackError) -> None:
     err.print(f"[dim]hint:[/] {escape(clean_text(exc.hint))}")
 
 
-def _no_space(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT at the root of ``exc``, if any: converters wrap it in their own errors."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            return exc
-        if "No space left on device" in str(exc):
-            return OSError(errno.ENOSPC, "No space left on device")
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
-
-
 def from_os_error(e: OSError) -> EdgepackError:
     """A file-system failure no module turned into an EdgepackError: one line, the class's exit code."""
     where = f"{e.filename}: " if e.filename else ""
-    if _no_space(e):
+    if no_space(e):
         return DiskFullError(f"{where}no space left on the device; nothing partial was kept")
     what = e.strerror or str(e)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:  # mkdir below a file
+        from pathlib import Path
+
+        p = Path(e.filename)
+        while p != p.parent and not p.exists():
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            return ConfigError(f"{p}: is a file, not a folder", hint="choose a path whose folders are folders")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ConfigError(f"{where}{what}", hint="choose a folder you can write to (or fix its permissions)")
     if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG):
@@ -77,7 +73,7 @@ class EdgepackGroup(TyperGroup):
 def as_edgepack_error(e: BaseException) -> EdgepackError:
     if isinstance(e, KeyboardInterrupt):
         return interrupted(e)
-    if isinstance(e, EdgepackError) and not isinstance(e, DiskFullError) and _no_space(e):
+    if isinstance(e, EdgepackError) and not isinstance(e, DiskFullError) and no_space(e):
         # a converter or writer wrapped the ENOSPC in its own error: say what it really was
         return DiskFullError(f"{e.message} (no space left on the device)")
     if isinstance(e, EdgepackError):

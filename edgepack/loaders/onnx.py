@@ -14,7 +14,12 @@ import shutil
 from pathlib import Path
 
 from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
-from edgepack.errors import MissingDependencyError, ModelError
+from edgepack.errors import (
+    ConfigError,
+    MissingDependencyError,
+    ModelError,
+    did_you_mean,
+)
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool", 11: "float64"}
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
@@ -55,6 +60,10 @@ def _read(path: Path):
     onnx = require_onnx()
     if not path.is_file():
         raise ModelError(f"model.path: {path} not found", hint="paths are relative to the project folder")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model.path: {path.name} is empty (0 bytes)",
+                         hint="the file was not written completely (an interrupted export, copy or download?); "
+                              "export it again")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -134,6 +143,25 @@ def interface(path: Path, declared: list[TensorSpec] | None, dtypes_declared: di
     return out
 
 
+def check_outputs(path: Path, declared: list[str] | None, where: Path) -> None:
+    """The project's ``outputs`` must be the file's outputs, in the file's order (a subset or another
+    order would need the graph cut or rewired; it is refused rather than silently ignored)."""
+    if declared is None:
+        return
+    _, outs = tensor_specs(_read(path))
+    names = [o.name for o in outs]
+    if list(declared) == names:
+        return
+    unknown = [n for n in declared if n not in names]
+    if unknown:
+        raise ConfigError(f"{where}: key 'outputs': {unknown[0]!r} is not an output of {path.name} "
+                          f"(its outputs: {', '.join(names)})",
+                          hint=f"{did_you_mean(unknown[0], names)}; or omit outputs: they are read from the file")
+    raise ConfigError(f"{where}: key 'outputs' lists {declared}, but {path.name} has the outputs {names}: edgepack "
+                      "keeps every output of an ONNX file, in the file's order",
+                      hint=f"write outputs: [{', '.join(names)}], or omit outputs: they are read from the file")
+
+
 def load_onnx(path: Path, declared: list[TensorSpec], workdir: Path) -> tuple[ModelArtifact, dict]:
     """A normalised copy of ``path`` in ``workdir`` with ``declared`` (resolved) input shapes, and what
     was read and changed (for the lineage)."""
@@ -145,6 +173,7 @@ def load_onnx(path: Path, declared: list[TensorSpec], workdir: Path) -> tuple[Mo
         raise ModelError(f"model.path: {path.name} uses operators outside the ONNX standard that the backends "
                          f"cannot run: {'; '.join(bad)}",
                          hint="re-export without custom operators, or replace them with standard ONNX ops")
+    _check_initializers(model, path)
     file_ins, file_outs = tensor_specs(model)
     by_name = {v.name: v for v in model.graph.input}
     changed = {}
@@ -197,6 +226,21 @@ def load_onnx(path: Path, declared: list[TensorSpec], workdir: Path) -> tuple[Mo
     art = ModelArtifact(ModelFormat.ONNX, out, tuple(declared), tuple(outs), tuple(files),
                         details={"opset": opset(model)})
     return art, info
+
+
+def _check_initializers(model, path: Path) -> None:
+    """Refuse NaN in the file's (embedded) float weights. Inf is allowed: graphs carry -inf masks and
+    clip bounds as constants."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.data_location == 1 or t.data_type not in (1, 10, 11, 16):  # external data; non-float
+            continue
+        if np.isnan(numpy_helper.to_array(t)).any():
+            raise ModelError(f"model.path: the model's weights hold NaN (tensor {t.name} of {path.name})",
+                             hint="the weights were saved from a diverged training run or corrupted; export the "
+                                  "model again from a good checkpoint")
 
 
 def _ident(name: str) -> str:

@@ -28,11 +28,12 @@ def resolve(project: Project, workdir: Path) -> Resolved:
     kind = project.model.kind
     where = project.root / "edgepack.yaml"
     if kind == "onnx":
-        from edgepack.loaders.onnx import interface
+        from edgepack.loaders.onnx import check_outputs, interface
 
         declared = project.input_specs() if project.inputs else None
         dtypes = {i.name: i.dtype is not None for i in project.inputs} if project.inputs else None
         specs = interface(project.resolve(project.model.path), declared, dtypes)
+        check_outputs(project.resolve(project.model.path), project.outputs, where)
         out = Resolved(_with(project, inputs=specs))
     elif kind == "hf":
         from edgepack.loaders.hf import SEQUENCE, describe

@@ -9,6 +9,8 @@ from edgepack.calibration.reader import import_callable
 from edgepack.errors import MissingDependencyError, ModelError
 from edgepack.project import Project
 
+EMPTY_HINT = "the file was not written completely (an interrupted save, copy or download?); write it again"
+
 
 def require_torch():
     try:
@@ -27,6 +29,8 @@ def load_module(project: Project) -> Any:
         path = project.resolve(src.path)
         if not path.is_file():
             raise ModelError(f"{where}: {path} not found", hint="paths are relative to the project folder")
+        if path.stat().st_size == 0:
+            raise ModelError(f"{where}: {path.name} is empty (0 bytes)", hint=EMPTY_HINT)
         try:
             module = torch.export.load(str(path)).module()
         except Exception as e:
@@ -35,6 +39,10 @@ def load_module(project: Project) -> Any:
         factory = import_callable(src.path, project.root, where)
         try:
             module = factory()
+        except SystemExit as e:  # not edgepack's exit code to give (3 would read as "gate failed")
+            raise ModelError(f"{where}: model factory {src.path} called sys.exit({e.code!r})",
+                             hint="the factory must build and return an nn.Module, not exit the process "
+                                  "(move script code under `if __name__ == '__main__':`)") from e
         except Exception as e:
             raise ModelError(
                 f"{where}: {src.path} raised {type(e).__name__}: {e}",
@@ -46,6 +54,8 @@ def load_module(project: Project) -> Any:
         wpath = project.resolve(src.weights)
         if not wpath.is_file():
             raise ModelError(f"model.weights: {wpath} not found", hint="train the model first, or fix the path")
+        if wpath.stat().st_size == 0:
+            raise ModelError(f"model.weights: {wpath.name} is empty (0 bytes)", hint=EMPTY_HINT)
         try:
             state = torch.load(wpath, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -79,9 +89,29 @@ def example_inputs(specs: list[TensorSpec], batch: int = 1, dims: dict[str, int]
     return tuple(out)
 
 
-def check_forward(module: Any, specs: list[TensorSpec], dims: dict[str, int] | None = None) -> int:
-    """Run the module once on the declared shapes; return the number of outputs."""
+WEIGHTS_HINT = ("the weights were saved from a diverged training run (a NaN loss) or corrupted; retrain or restore "
+                "a good checkpoint (check with torch.isfinite(t).all() for each tensor of the state_dict)")
+
+
+def check_weights(module: Any) -> None:
+    """Refuse NaN in any tensor of the module, and Inf in its trainable parameters (an Inf buffer can be a
+    legitimate constant, such as an attention mask; a NaN never is)."""
     torch = require_torch()
+    for kind, named in (("parameters", module.named_parameters()), ("buffers", module.named_buffers())):
+        for name, t in named:
+            if not t.is_floating_point():
+                continue
+            t = t.detach()
+            if bool(torch.isnan(t).any()):
+                raise ModelError(f"the model's weights hold NaN (tensor {name})", hint=WEIGHTS_HINT)
+            if kind == "parameters" and bool(torch.isinf(t).any()):
+                raise ModelError(f"the model's weights hold Inf (tensor {name})", hint=WEIGHTS_HINT)
+
+
+def check_forward(module: Any, specs: list[TensorSpec], dims: dict[str, int] | None = None) -> int:
+    """Check the weights, run the module once on the declared shapes; return the number of outputs."""
+    torch = require_torch()
+    check_weights(module)
     with torch.no_grad():
         try:
             out = module(*example_inputs(specs, dims=dims))

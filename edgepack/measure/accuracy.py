@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgepack.errors import ModelError
+
 
 def run_all(runner, samples) -> list[list[np.ndarray]]:
     return [runner.run(s) for s in samples]
+
+
+def check_finite(outputs: list[list[np.ndarray]], data, names: list[str] | None = None) -> None:
+    """Refuse NaN/Inf in the FP32 model's outputs on real samples (``data``, a SampleSet): every accuracy
+    figure and calibration range made from them would be meaningless."""
+    for j, outs in enumerate(outputs):
+        for k, o in enumerate(outs):
+            o = np.asarray(o)
+            if o.dtype.kind in "fc" and not np.isfinite(o).all():
+                what = "NaN" if np.isnan(o).any() else "Inf"
+                i = data.indices[j] if getattr(data, "indices", None) else j
+                name = names[k] if names and k < len(names) else str(k)
+                raise ModelError(f"the model's outputs hold {what} (output '{name}') on sample {i} of {data.source}",
+                                 hint="the data is finite, so the model makes it: check the weights and forward() "
+                                      "for log/sqrt/division of values that can be zero or negative")
 
 
 def top1(outputs: list[list[np.ndarray]], labels: list[int]) -> dict:

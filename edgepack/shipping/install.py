@@ -218,8 +218,7 @@ def _extract(bundle: Path, dest: Path) -> None:
     try:
         read_archive(bundle, dest, str(bundle))  # checked before a byte is written; the caller removes staging
     except DiskFullError as e:
-        raise DiskFullError(f"no space left in {dest.parent.parent} for {bundle.name}: {e.message}; "
-                            "the active version is unchanged") from e
+        raise DiskFullError(f"{e.message}; the active version is unchanged") from e
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def with_retries(call: Callable[[], Any], registry: str, what: str) -> Any:
             last = _reason(e)
             if read_timeouts >= MAX_READ_TIMEOUTS:
                 raise RegistryUnreachableError(
-                    f"registry {registry} accepted the connection but did not answer within {TIMEOUT_S[1]:.0f} s, "
+                    f"registry {registry} accepted the connection but did not answer within {TIMEOUT_S[1]:g} s, "
                     f"{read_timeouts} times, while trying to {what}",
                     hint="the registry is hung or overloaded; check it, then retry") from e
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:

@@ -184,7 +184,11 @@ def sign_bundle(bundle: Path, key: Path | Any) -> dict[str, Any]:
         manifest_bytes = (opened.root / MANIFEST).read_bytes()
     doc = signature_document(manifest_bytes, private_key)
     data = (json.dumps(doc, indent=2) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".partial", dir=bundle.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".partial", dir=bundle.parent)
+    except OSError as e:
+        raise ConfigError(f"{bundle}: cannot sign in place: {bundle.parent} is not writable ({e.strerror or e})",
+                          hint="copy the bundle to a writable folder and sign it there") from e
     os.close(fd)
     try:
         with tarfile.open(bundle, "r:") as tin, tarfile.open(tmp, "w") as tout:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.artifact import ModelArtifact, ModelFormat, StageRecord, TensorSpec
-from edgepack.errors import ToolchainError
+from edgepack.errors import ModelError, ToolchainError
 from edgepack.loaders.onnx import opset as read_opset
 from edgepack.loaders.onnx import require_onnx, tensor_specs
 from edgepack.loaders.torch import example_inputs, require_torch
@@ -109,6 +109,13 @@ def _check_against_torch(module: Any, path: Path, inputs: list[TensorSpec], dims
     with torch.no_grad():
         ref = module(*args)
     ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    bad = next((i for i, r in enumerate(ref) if r.dtype.kind in "fc" and not np.isfinite(r).all()), None)
+    if bad is not None:  # torch itself: not an export problem
+        what = "NaN" if np.isnan(ref[bad]).any() else "Inf"
+        raise ModelError(f"the model's outputs hold {what} (output {bad}, in PyTorch itself, on a random input of "
+                         "the declared shape)",
+                         hint="check the weights (torch.isfinite) and forward() for log/sqrt/division of values "
+                              "that can be zero or negative")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {s.name: a.numpy() for s, a in zip(inputs, args)})
     err = max(float(np.max(np.abs(r - g))) if r.size else 0.0 for r, g in zip(ref, got))
