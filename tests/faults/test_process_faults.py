@@ -102,7 +102,7 @@ def test_install_on_a_full_disk(bundle, small_fs):
     fs = small_fs("150k")  # the bundle is ~200 kB
     root = fs.path / "root"
     res = cli("install", bundle, "--root", root, "--allow-unsigned", "--runs", "2")
-    expect_fault(res, Fault("install into a 150 kB file system", 15, ("space",)))
+    expect_fault(res, Fault("install into a 150 kB file system", 15, ("are free", "nothing was written")))
     assert not list((root / "versions").iterdir())
 
 

@@ -26,7 +26,7 @@ def test_sign_then_verify(built, keys, tmp_path):
     bundle = tmp_path / "b.edgepack"
     shutil.copy2(out / "digits-1.2.3-onnx.edgepack", bundle)
     res = cli("verify", bundle)
-    assert res.exit_code == 0 and "not signed" in res.output
+    assert res.exit_code == 0 and "unsigned: the manifest's figures are not protected" in res.output
     res = cli("sign", bundle, "--key", keys / "a.key")
     assert res.exit_code == 0, res.output
     res = cli("sign", bundle, "--key", keys / "a.key")  # re-signing replaces, never duplicates
