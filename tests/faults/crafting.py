@@ -43,6 +43,18 @@ def entry(name: str, data: bytes = b"", **kw) -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
+def set_field(m: dict, path: str, value) -> None:
+    """``m["a"]["b"][0] = value`` for ``path`` "a.b.0"."""
+    *parents, last = path.split(".")
+    d = m
+    for p in parents:
+        d = d[int(p)] if isinstance(d, list) else d[p]
+    if isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+
+
 def with_manifest(src: Path, dst: Path, change: Callable[[dict], None], reseal: bool = False) -> Path:
     """A copy whose manifest dict went through ``change``; ``reseal`` recomputes the build id as an
     editor who knows the rule would (only possible while the manifest still validates)."""

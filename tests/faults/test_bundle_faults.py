@@ -17,16 +17,7 @@ BUNDLE_ERROR, SIGNATURE_ERROR, DISK_FULL = 7, 10, 15
 
 
 def _set(path: str, value):
-    def change(m: dict) -> None:
-        *parents, last = path.split(".")
-        d = m
-        for p in parents:
-            d = d[int(p)] if isinstance(d, list) else d[p]
-        if isinstance(d, list):
-            d[int(last)] = value
-        else:
-            d[last] = value
-    return change
+    return lambda m: c.set_field(m, path, value)
 
 
 def _bomb_listing(m: dict) -> None:

@@ -44,17 +44,6 @@ def _content(data: bytes) -> dict[str, bytes] | None:
         return None
 
 
-def _set(m: dict, path: str, value) -> None:
-    *parents, last = path.split(".")
-    d = m
-    for p in parents:
-        d = d[int(p)] if isinstance(d, list) else d[p]
-    if isinstance(d, list):
-        d[int(last)] = value
-    else:
-        d[last] = value
-
-
 def _mutate(rng: random.Random, src: bytes, items) -> tuple[str, bytes]:
     kind = rng.choice(["flip", "flip-manifest", "rename", "header", "field", "field", "truncate", "append",
                        "duplicate", "gzip", "drop"])
@@ -100,7 +89,7 @@ def _mutate(rng: random.Random, src: bytes, items) -> tuple[str, bytes]:
         k = next(j for j, (i, _) in enumerate(new) if i.name == "manifest.json")
         m = json.loads(new[k][1])
         try:
-            _set(m, rng.choice(FIELDS), rng.choice(HOSTILE_VALUES))
+            c.set_field(m, rng.choice(FIELDS), rng.choice(HOSTILE_VALUES))
         except (KeyError, IndexError, TypeError):
             pass
         if rng.random() < 0.5:  # an editor who knows the sealing rule (no key, so no signature)
