@@ -106,7 +106,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         # bundled tokenizer, so that `edgepack validate` reproduces the build's accuracy figure
         with open(vdir / "holdout.jsonl", "w", encoding="utf-8") as f:
             for t, y in zip(ev.texts, ev.labels):
-                f.write(json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"text": t, "label": int(y)}) + "\n")  # ASCII: no line breaks but "\n"
         holdout_file, n_hold = "validation/holdout.jsonl", len(ev)
     elif ev.labels is not None:
         # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
@@ -121,7 +121,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
     (staging / "preprocess.json").write_text(json.dumps(
         {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
          **({"text": text} if text else {}),
-         "note": "raw image (HxWxC uint8, RGB) -> float * scale -> (x - mean) / std -> layout" if pre else
+         "note": f"raw image (HxWxC uint8, {_color(pre)}) -> float * scale -> (x - mean) / std -> layout" if pre else
          "text -> the bundled tokenizer (see 'text')" if text else "inputs are fed as raw tensors"},
         indent=2) + "\n")
     (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
@@ -150,6 +150,10 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings) + list(compiled.details.get("warnings", [])), prune=prune,
         conversion=_conversion(compiled, tuning), text=text,
     )
+
+
+def _color(pre: dict[str, Any]) -> str:
+    return {"gray": "grayscale (HxW or HxWx1; RGB is converted)", "bgr": "BGR"}.get(pre.get("color", "rgb"), "RGB")
 
 
 def _conversion(compiled: ModelArtifact, tuning: dict[str, Any] | None) -> dict[str, Any] | None:

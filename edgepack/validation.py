@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.errors import ValidationError
+from edgepack.errors import BundleError, ValidationError
 
 VALIDATION_SAMPLES = 200
 HOLDOUT_SAMPLES = 300
@@ -84,8 +84,15 @@ def _text_holdout(runner, bundle_root: Path, manifest) -> dict[str, Any]:
 
     v = manifest.validation
     encoder = TextEncoder(TextSpec.from_json(manifest.text), bundle_root)
-    rows = [json.loads(line) for line in (bundle_root / v.holdout_file).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    # split on "\n" only: str.splitlines() also breaks at U+0085, U+2028 and other characters a text may hold
+    rows = []
+    for n, line in enumerate((bundle_root / v.holdout_file).read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows.append({"text": str(row["text"]), "label": int(row["label"])})
+            except (ValueError, KeyError, TypeError) as e:
+                raise BundleError(f"{v.holdout_file} line {n}: not a {{text, label}} JSON object ({e})") from e
     golden = np.load(bundle_root / v.inputs_file)
     names = [i["name"] for i in manifest.runtime.inputs]
     same, correct = 0, 0
@@ -138,9 +145,13 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         "integrity": {"passed": True, "files_checked": len(m.files)},
         "signature": signature,
         "golden": golden,
-        "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None} if holdout else None,
+        "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None,
+                              "build_samples": built.accuracy.get("samples") if built.accuracy else None,
+                              "build_note": "the build scored its whole evaluation set; the holdout is the subset "
+                                            "shipped in the bundle"} if holdout else None,
         "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},
         "passed": golden["passed"] and (holdout or {}).get("tokenizer_check", {}).get("passed", True),
+        "build_acceptance": {"passed": m.acceptance.passed, "reasons": list(m.acceptance.reasons)},
         "runtime_notes": list(getattr(runner, "notes", [])),
     }
     report = report or bundle.with_name(bundle.name + ".validation.json")

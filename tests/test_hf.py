@@ -219,3 +219,29 @@ def test_cli_exit_code_for_a_folder_without_weights(bert_copy):
                                    str(bert_copy / "dist")])
     assert res.exit_code == ModelError.exit_code
     assert "error: model.hf:" in res.output and "hint:" in res.output and "Traceback" not in res.output
+
+
+def test_texts_with_unicode_line_breaks_validate(bert_root, tmp_path):
+    """U+0085 and U+2028 inside evaluation texts: the bundle's holdout.jsonl keeps one text per line,
+    and `validate` reads back exactly the texts the build scored."""
+    import csv
+    import shutil
+
+    from edgepack.api import build
+    from edgepack.validation import validate
+
+    root = tmp_path / "proj"
+    shutil.copytree(bert_root, root)
+    path = root / "data" / "eval.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    for i, row in enumerate(body[:20]):
+        words = row[0].split(" ")
+        row[0] = ("\u0085" if i % 2 else "\u2028").join(words)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *body])
+    (result,) = build(root, ["onnx"], tmp_path / "out")
+    report = validate(result.bundle, report=tmp_path / "report.json", runs=5)
+    assert report["passed"] and report["holdout"]["samples"] == len(body)
+    assert report["holdout"]["value"] == pytest.approx(result.manifest.measurements.compiled.accuracy["value"], abs=0.5)

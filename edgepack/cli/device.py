@@ -18,7 +18,8 @@ def install(
     source: str = typer.Argument(..., help="A .edgepack file, or REGISTRY/REPO:TAG / REGISTRY/REPO@sha256:..."),
     root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
     pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
-    force: bool = typer.Option(False, "--force", help="Install even if the bundle's target does not match this machine."),
+    force: bool = typer.Option(False, "--force", help="Install even if the bundle's target does not match this machine, or its build "
+                                                "failed its acceptance gates."),
     runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for the validation latency (default: the profile's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
     device_id: str = typer.Option(None, "--device-id", envvar="EDGEPACK_DEVICE_ID",

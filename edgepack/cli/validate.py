@@ -39,7 +39,14 @@ def validate(
     out.print(f"  golden outputs {g['samples']} samples, {g['within_tolerance']:.1%} within tolerance, "
               f"top-1 agreement {g['top1_agreement']:.1%}, max abs diff {g['max_abs_diff']:.4g}")
     if h:
-        out.print(f"  holdout        top1 {h['value']:.2f}% on {h['samples']} samples (at build: {h['build_value']:.2f}%)")
+        at_build = f"{h['build_value']:.2f}%" if h.get("build_value") is not None else "-"
+        if h.get("build_samples") and h["build_samples"] != h["samples"]:
+            at_build += f" on all {h['build_samples']} evaluation samples"
+        out.print(f"  holdout        top1 {h['value']:.2f}% on {h['samples']} samples (at build: {at_build})")
     out.print(f"  latency        p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
               f"({lat['how']['threads']} threads; at build p50 {lat['build_p50_ms']:.3f} ms)")
     out.print(f"  report         {escape(result['report'])}")
+    acc = result["build_acceptance"]
+    if not acc["passed"]:
+        out.print(f"[yellow]warning:[/] this bundle failed its acceptance gates at build time: "
+                  f"{escape('; '.join(acc['reasons']))}")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import SIGNATURE, open_bundle, read_archive
-from edgepack.errors import BundleError, ConfigError, DiskFullError, EdgepackError, InstallError, SignatureError
+from edgepack.errors import AcceptanceError, BundleError, ConfigError, DiskFullError, EdgepackError, InstallError, SignatureError
 from edgepack.shipping.device import check_target
 
 STEPS = ("locked", "fetched", "extracted", "verified", "validated", "placed", "journal-written", "previous-linked",
@@ -267,6 +267,10 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
                 m = opened.manifest
                 sig = signature_info(opened.root, key, source)
             attempt["version"] = version_id(m)
+            if not m.acceptance.passed and not force:
+                raise AcceptanceError(f"{source}: this bundle failed its acceptance gates at build time: "
+                                      f"{'; '.join(m.acceptance.reasons)}",
+                                      hint="rebuild it within its budget, or install it anyway with --force")
             notes = check_target(m, force)
             _crash("verified")
             final, reuse = _destination(root, staging / "bundle", version_id(m))

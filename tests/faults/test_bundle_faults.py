@@ -229,3 +229,20 @@ def test_status_with_a_dangling_current_link_exits_non_zero(bundle, tmp_path):
     out = cli("status", "--root", root, "--format", "json")
     body = "\n".join(ln for ln in out.output.splitlines() if not ln.startswith(("error:", "hint:")))
     assert out.exit_code == 17 and json.loads(body)["problem"]
+
+
+def test_a_bundle_that_failed_its_gates_is_flagged_and_not_installed(project, tmp_path):
+    from tests.conftest import edit_yaml
+
+    edit_yaml(project, "  max_accuracy_drop: 2.0", "  max_accuracy_drop: 2.0\n  max_latency_ms_p90: 0.000001")
+    res = cli("build", "--project", project, "--target", "onnx", "--out", tmp_path / "out", "--quiet")
+    assert res.exit_code == 3, res.output  # the gate failed; the bundle is kept
+    failed = tmp_path / "out" / "digits-1.2.3-onnx.edgepack"
+    res = cli("validate", failed, "--runs", "2", "--report", tmp_path / "report.json")
+    assert res.exit_code == 0 and "warning: this bundle failed its acceptance gates" in res.output, res.output
+    root = tmp_path / "root"
+    res = cli("install", failed, "--root", root, "--allow-unsigned", "--runs", "2")
+    expect_fault(res, Fault("install a bundle that failed its gates", 3, ("acceptance gates", "p90")))
+    assert not list((root / "versions").iterdir())
+    res = cli("install", failed, "--root", root, "--allow-unsigned", "--runs", "2", "--force")
+    assert res.exit_code == 0, res.output
