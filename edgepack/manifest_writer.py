@@ -13,6 +13,7 @@ import numpy as np
 from edgepack import __version__
 from edgepack.artifact import ModelArtifact
 from edgepack.backends.base import Backend
+from edgepack.measure.accuracy import drop
 from edgepack.bundle import Acceptance, Manifest, Measured, Measurements, Runtime, Validation, content_digest, file_entries
 from edgepack.project import Project
 from edgepack.target import TargetProfile
@@ -22,7 +23,8 @@ from edgepack.validation import HOLDOUT_SAMPLES, VALIDATION_SAMPLES, tolerance_f
 def comparison(ref: Measured, got: Measured, target_fp32: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"note": "derived from the reference and compiled figures measured side by side in this run"}
     if ref.accuracy and got.accuracy:
-        out["accuracy_delta_points"] = round(got.accuracy["value"] - ref.accuracy["value"], 3)
+        # positive = better than FP32 (for error metrics such as mae the difference is negated)
+        out["accuracy_delta_points"] = round(-drop(ref.accuracy, got.accuracy), 3)
     if got.proxy:
         out["speedup"] = "not derived: the compiled model's latency was taken on a host proxy, not the device"
     else:
@@ -41,15 +43,18 @@ def gates(project: Project, profile: TargetProfile, ref: Measured, got: Measured
     gates.update({k: v for k, v in project.acceptance.model_dump().items() if v is not None})
     results, reasons = [], []
     if "max_accuracy_drop" in gates:
-        drop = round(ref.accuracy["value"] - got.accuracy["value"], 3)
-        ok = drop <= gates["max_accuracy_drop"] + 1e-9
-        results.append({"gate": "max_accuracy_drop", "limit": gates["max_accuracy_drop"], "value": drop,
-                        "unit": "points", "passed": ok})
+        lost = round(drop(ref.accuracy, got.accuracy), 3)
+        ok = lost <= gates["max_accuracy_drop"] + 1e-9
+        what = f"{got.accuracy['metric']} on output '{got.accuracy['output']}'" if "output" in got.accuracy \
+            else got.accuracy["metric"]
+        results.append({"gate": "max_accuracy_drop", "limit": gates["max_accuracy_drop"], "value": lost,
+                        "unit": "points" if got.accuracy.get("higher_is_better", True) else "metric units (rise)",
+                        "metric": what, "passed": ok})
         if not ok:
-            reasons.append(f"accuracy dropped {drop:.2f} points ({got.accuracy['metric']}), "
+            reasons.append(f"accuracy dropped {lost:.2f} points ({what}), "
                            f"more than max_accuracy_drop {gates['max_accuracy_drop']}")
     if "max_relative_accuracy_drop" in gates:
-        rel = round((ref.accuracy["value"] - got.accuracy["value"]) / max(ref.accuracy["value"], 1e-9), 5)
+        rel = round(drop(ref.accuracy, got.accuracy) / max(abs(ref.accuracy["value"]), 1e-9), 5)
         ok = rel <= gates["max_relative_accuracy_drop"] + 1e-9
         results.append({"gate": "max_relative_accuracy_drop", "limit": gates["max_relative_accuracy_drop"],
                         "value": rel, "unit": "fraction of the FP32 figure", "passed": ok})
@@ -142,6 +147,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         measurements=Measurements(reference=ref, compiled=got, target_fp32=target_fp32,
                                   comparison=comparison(ref, got, target_fp32),
                                   data={"evaluation": ev.describe(), "metric": shared.metric,
+                                        "metrics": shared.metric_plan.describe() if shared.metric_plan else None,
                                         "latency_input": "first evaluation sample, batch 1"},
                                   device=device_status(profile, got)),
         acceptance=gates(project, profile, ref, got),

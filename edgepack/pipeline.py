@@ -61,7 +61,8 @@ class _Shared:
     exports: dict[Any, ModelArtifact] = field(default_factory=dict)
     calibration: SampleSet | None = None
     evaluation: SampleSet | None = None
-    metric: str = "fidelity"
+    metric: str = "fidelity"          # the gating metric's name (display, manifest data)
+    metric_plan: Any = None           # edgepack.measure.accuracy.MetricPlan, once the outputs are known
     references: dict[int | None, dict[str, Any]] = field(default_factory=dict)
     toolchain: dict[str, str] = field(default_factory=dict)
     stages: list[StageRecord] = field(default_factory=list)
@@ -221,10 +222,14 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
             shared.evaluation = load_samples(ev.source, project.root, specs, pre, ev.samples, ev.seed, labels,
                                              "evaluation", text, ev.text_column, ev.label_column)
             has_labels = shared.evaluation.labels is not None
-            if ev.metric == "top1" and not has_labels:
+            names = [ev.metric] if isinstance(ev.metric, str) else [m.metric for m in ev.metric or []]
+            if "top1" in names and not has_labels:
                 raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'evaluation.metric': top1 needs labels, "
                                   f"but {ev.source} has none", hint="add labels to the data, or use metric: fidelity")
-            shared.metric = ev.metric or ("top1" if has_labels else "fidelity")
+            if isinstance(ev.metric, list):
+                shared.metric = next((m.metric for m in ev.metric if m.gate), ev.metric[0].metric)
+            else:
+                shared.metric = ev.metric or ("top1" if has_labels else "fidelity")
             st.detail = f"{len(shared.evaluation)} samples, metric {shared.metric}"
     _check_data(shared, labels, progress)
     shared.stages.append(StageRecord("data", {"calibration": shared.calibration.describe(),
@@ -441,10 +446,18 @@ def _reference(shared: _Shared, art: ModelArtifact, threads: int, profile: Targe
                                          profile, "fp32 reference: exported ONNX on onnxruntime")
             acc.check_finite(outputs, shared.evaluation, [o.name for o in art.outputs])
             labels = shared.evaluation.labels
-            if shared.metric == "top1" and shared.project.labels is None:  # no class list: the output width is it
-                from edgepack.calibration.reader import check_label_classes
-                check_label_classes(shared.evaluation, int(outputs[0][0].shape[-1]), "the model's output")
-            measured.accuracy = acc.score(shared.metric, outputs, labels, outputs)
+            if shared.metric_plan is None:
+                ev = shared.project.evaluation
+                spec = ev.metric if ev is not None and ev.metric is not None else shared.metric
+                shared.metric_plan = acc.plan(spec, [o.name for o in art.outputs],
+                                              labels is not None, shared.project.root,
+                                              str(shared.project.root / "edgepack.yaml"))
+            for e in shared.metric_plan.entries:
+                if e.metric == "top1" and shared.project.labels is None:  # no class list: the output width is it
+                    from edgepack.calibration.reader import check_label_classes
+                    check_label_classes(shared.evaluation, int(outputs[0][e.index].shape[-1]),
+                                        f"the model's output '{e.output}'")
+            measured.accuracy = acc.score(shared.metric_plan, outputs, labels, outputs)
             st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
         shared.references[key] = {"measured": measured, "outputs": outputs}
     return shared.references[key]
@@ -461,7 +474,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     src = _compile_source(shared, profile, backend, options, art, scratch, progress)
     workdir = scratch / profile.name
     staging = workdir / "bundle"
-    budget = accuracy_budget(project, profile, ref["measured"].accuracy["value"])
+    budget = accuracy_budget(project, profile, ref["measured"].accuracy)
     trials: list[Trial] = []
 
     def try_build(step: str, method: str, kept: list[str], level: str | None = None) -> Trial:
@@ -475,7 +488,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
             raise _keep_logs(e, workdir / f"try-{len(trials)}", out, final.name) from e
         runner, _ = backend.host_runner(compiled.path, threads)
         outputs = acc.run_all(runner, shared.evaluation)
-        score = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
+        score = acc.score(shared.metric_plan, outputs, shared.evaluation.labels, ref["outputs"])
         p50 = measure_latency(runner, shared.evaluation.samples[0], 5, 30, 5.0, threads)["p50_ms"]
         trial = Trial(step, method, kept, compiled, score, outputs, p50, time.perf_counter() - t0,
                       budget is None or budget(score["value"]))
@@ -487,7 +500,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
                                          and getattr(options, "level", None) is None) else ()
     with _Stage(progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
         if ladder:
-            plain, tuning = _fall_back(ladder, try_build, ref["measured"].accuracy["value"], profile.name, progress)
+            plain, tuning = _fall_back(ladder, try_build, ref["measured"].accuracy, profile.name, progress)
         else:
             plain, tuning = try_build(f"plain {profile.precision}", q.calibration_method, list(q.keep_float)), None
         st.detail = f"{plain.compiled.size_bytes / 1e6:.2f} MB, {shared.metric} {plain.accuracy['value']:.2f}"
@@ -499,13 +512,13 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
                             shared.tuning["max_minutes"], shared.tuning["max_steps"],
                             lambda msg: progress(f"tune {profile.name}: {msg}", "note", None, ""))
             chosen = result.best
-            tuning = _tuning_record(result, ref["measured"].accuracy["value"], shared.tuning)
+            tuning = _tuning_record(result, ref["measured"].accuracy, shared.tuning)
             st.detail = result.stopped
     compiled = _move_into(chosen.compiled, staging / "model")
     with _Stage(progress, f"measure {profile.name}") as st:
         measured, outputs = _measure(shared, backend, compiled.path, list(compiled.all_files), staging,
                                      threads, profile, f"compiled: {profile.precision} on {backend.name}")
-        measured.accuracy = acc.score(shared.metric, outputs, shared.evaluation.labels, ref["outputs"])
+        measured.accuracy = acc.score(shared.metric_plan, outputs, shared.evaluation.labels, ref["outputs"])
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
     if shared.prune is not None:
         with _Stage(progress, f"measure unpruned {profile.name}") as st:
@@ -561,7 +574,7 @@ def _target_fp32(backend: Backend, options: Any, profile: TargetProfile, art: Mo
     return {"model": f"fp32 on {backend.name}", "latency": latency, "size_bytes": fp32.size_bytes}
 
 
-def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_value: float, target: str,
+def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_acc: dict, target: str,
                progress: Progress) -> tuple[Trial, dict[str, Any]]:
     """Try each quantization level, most integer first, until one converts and meets the accuracy
     budget; the record says which level was reached and why each earlier one was left."""
@@ -575,7 +588,7 @@ def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_val
             progress(f"{target}: level {level} failed to convert; falling back", "warn", None, "")
             continue
         trials.append(trial)
-        drop = round(ref_value - trial.accuracy["value"], 3)
+        drop = round(acc.drop(ref_acc, trial.accuracy), 3)
         steps.append({"level": level, "outcome": "meets the accuracy budget" if trial.meets_budget
                       else "misses the accuracy budget", "accuracy": trial.accuracy["value"], "drop_points": drop,
                       "p50_ms_host": trial.p50_ms, "seconds": round(trial.seconds, 2)})
@@ -587,7 +600,7 @@ def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_val
         raise ToolchainError(f"target '{target}': no quantization level converted: "
                              + "; ".join(f"{s['level']}: {s['reason']}" for s in steps),
                              hint="the converter output is in the build log; report the op it names upstream")
-    best = next((t for t in trials if t.meets_budget), None) or max(trials, key=lambda t: t.accuracy["value"])
+    best = next((t for t in trials if t.meets_budget), None) or max(trials, key=lambda t: acc.goodness(t.accuracy))
     reached = best.step.removeprefix("level ")
     why = ("the first level that converted and met the accuracy budget" if best.meets_budget else
            "no level met the accuracy budget: the most accurate one is kept and the gate reports the miss")
@@ -596,18 +609,19 @@ def _fall_back(levels: tuple[str, ...], try_build: Callable[..., Trial], ref_val
                   "steps": steps, "stopped": why}
 
 
-def accuracy_budget(project: Project, profile: TargetProfile, ref_value: float):
-    """A predicate on the compiled accuracy, from max_accuracy_drop (points) and/or
-    max_relative_accuracy_drop (fraction of the FP32 figure); None when no budget is set."""
+def accuracy_budget(project: Project, profile: TargetProfile, ref: dict):
+    """A predicate on the compiled model's value of the gating metric, from max_accuracy_drop (points,
+    or the metric's units) and/or max_relative_accuracy_drop (fraction of the FP32 figure); None when no
+    budget is set. For error metrics (mae, rmse) a drop is a rise."""
     gates = {**profile.acceptance.model_dump(exclude_none=True), **project.acceptance.model_dump(exclude_none=True)}
     absolute, relative = gates.get("max_accuracy_drop"), gates.get("max_relative_accuracy_drop")
     if absolute is None and relative is None:
         return None
-    limits = [v for v in (absolute, None if relative is None else relative * ref_value) if v is not None]
-    return lambda value: ref_value - value <= min(limits) + 1e-9
+    limits = [v for v in (absolute, None if relative is None else relative * abs(ref["value"])) if v is not None]
+    return lambda value: acc.drop(ref, {**ref, "value": value}) <= min(limits) + 1e-9
 
 
-def _tuning_record(result: Any, ref_value: float, settings: dict[str, Any]) -> dict[str, Any]:
+def _tuning_record(result: Any, ref_acc: dict, settings: dict[str, Any]) -> dict[str, Any]:
     sens = dict(result.sensitivity)
     best = result.best
     return {
@@ -615,7 +629,7 @@ def _tuning_record(result: Any, ref_value: float, settings: dict[str, Any]) -> d
         "max_minutes": settings["max_minutes"], "max_steps": settings["max_steps"],
         "chosen": {"step": best.step, "calibration_method": best.method},
         "kept_in_higher_precision": [{"layer": n, "sensitivity": round(sens.get(n, float("nan")), 6)} for n in best.kept],
-        "steps": [t.to_json(ref_value) for t in result.trials],
+        "steps": [t.to_json(ref_acc) for t in result.trials],
         "failed_steps": list(result.failed),
         "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity],
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "

@@ -162,8 +162,54 @@ class Calibration(DataSource):
     min_samples: int = Field(default=100, gt=0, description="warn below this many calibration samples")
 
 
+METRIC_NAMES = ("top1", "fidelity", "iou", "mae", "rmse")
+
+
+def _check_metric_name(v: str) -> str:
+    if v in METRIC_NAMES or re.fullmatch(r"[\w./-]+\.py:\w+", v):
+        return v
+    raise ValueError(f"unknown metric '{v}': use {', '.join(METRIC_NAMES)} or file.py:function")
+
+
+class MetricSpec(Strict):
+    """One metric on one output (see edgepack/measure/accuracy.py)."""
+
+    output: str | None = Field(default=None, description="the output it scores (default: the first)")
+    metric: str = Field(default="fidelity", description="top1 | fidelity | iou | mae | rmse | file.py:function")
+    threshold: float = Field(default=0.5, description="iou: an element is in the mask when it is above this")
+    gate: bool = Field(default=False, description="this metric is the one the accuracy budget gates on "
+                                                  "(default: the first listed)")
+
+    _known = field_validator("metric")(classmethod(lambda cls, v: _check_metric_name(v)))
+
+
 class Evaluation(DataSource):
-    metric: Literal["top1", "fidelity"] | None = None
+    metric: str | list[MetricSpec] | None = Field(
+        default=None, description="a metric name (on the first output; fidelity on the others), or a list "
+                                  "of {output, metric, threshold, gate}")
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metrics(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str):
+            return _check_metric_name(v)
+        if not isinstance(v, list) or not v:
+            raise ValueError("a metric name, or a non-empty list of {output, metric, threshold, gate}")
+        specs = []
+        for i, item in enumerate(v):
+            item = {"metric": item} if isinstance(item, str) else item
+            try:
+                specs.append(MetricSpec.model_validate(item))
+            except PydanticValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"item {i}{' ' + where if where else ''}: "
+                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+        if sum(m.gate for m in specs) > 1:
+            raise ValueError("more than one metric has gate: true; the budget gates on one")
+        return specs
 
 
 class Finetune(Strict):

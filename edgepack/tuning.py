@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.errors import ToolchainError
+from edgepack.measure.accuracy import drop, goodness
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SENSITIVITY_SAMPLES = 32
@@ -43,9 +44,9 @@ class Trial:
     seconds: float
     meets_budget: bool
 
-    def to_json(self, ref_value: float) -> dict[str, Any]:
+    def to_json(self, ref_acc: dict) -> dict[str, Any]:
         return {"step": self.step, "calibration_method": self.method, "kept_in_higher_precision": len(self.kept),
-                "accuracy": self.accuracy["value"], "drop_points": round(ref_value - self.accuracy["value"], 3),
+                "accuracy": self.accuracy["value"], "drop_points": round(drop(ref_acc, self.accuracy), 3),
                 "p50_ms_host": self.p50_ms, "seconds": round(self.seconds, 2), "meets_budget": self.meets_budget}
 
 
@@ -113,8 +114,8 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
 
     def finish(stopped: str, sens=()) -> TuningResult:
         meeting = [t for t in trials if t.meets_budget]
-        best = min(meeting, key=lambda t: (len(t.kept), -t.accuracy["value"])) if meeting else \
-            max(trials, key=lambda t: t.accuracy["value"])
+        best = min(meeting, key=lambda t: (len(t.kept), -goodness(t.accuracy))) if meeting else \
+            max(trials, key=lambda t: goodness(t.accuracy))
         return TuningResult(best, trials, list(sens), stopped, failed)
 
     if plain.meets_budget:
@@ -135,7 +136,7 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
         trials.append(t)
         if t.meets_budget:
             return finish(f"calibration method {m} met the budget")
-        if t.accuracy["value"] > best_method.accuracy["value"]:
+        if goodness(t.accuracy) > goodness(best_method.accuracy):
             best_method = t
     if stop := out_of_budget():
         return finish(stop)

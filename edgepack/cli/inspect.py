@@ -39,6 +39,19 @@ def inspect(
         t.add_row(escape(r["model"]), acc, fmt(lat["p50_ms"]), fmt(lat["p90_ms"]), fmt(lat["p99_ms"]),
                   str(r["size"]["bytes"]), fmt(r["peak_memory"].get("peak_mb"), 1), escape(where))
     out.print(t)
+    per = (meas["compiled"].get("accuracy") or {}).get("per_output")
+    if per:
+        ref_per = {p["output"]: p for p in (meas["reference"].get("accuracy") or {}).get("per_output") or []}
+        pt = Table(title="metrics per output (the gating one is marked *)")
+        for col in ("output", "metric", "fp32", "compiled", "form"):
+            pt.add_column(col)
+        gate = meas["compiled"]["accuracy"].get("output")
+        for p in per:
+            mark = " *" if p["output"] == gate and p["metric"] == meas["compiled"]["accuracy"]["metric"] else ""
+            pt.add_row(escape(p["output"]) + mark, escape(p["metric"]),
+                       fmt((ref_per.get(p["output"]) or {}).get("value"), 4), fmt(p["value"], 4),
+                       escape(p.get("form", "")))
+        out.print(pt)
     if meas.get("target_fp32"):
         tf = meas["target_fp32"]
         out.print(f"fp32 on the target's runtime ({escape(tf['model'])}): p50 {tf['latency']['p50_ms']:.3f} ms, "

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from edgepack.validation import share_or_na
 from edgepack.cli.common import clean, Format, out, print_json
 
 
@@ -37,7 +38,7 @@ def validate(
 
         out.print(f"  signature      [yellow]not checked (no --pubkey); {UNSIGNED_NOTE}[/]")
     out.print(f"  golden outputs {g['samples']} samples, {g['within_tolerance']:.1%} within tolerance, "
-              f"top-1 agreement {g['top1_agreement']:.1%}, max abs diff {g['max_abs_diff']:.4g}")
+              f"top-1 agreement {share_or_na(g['top1_agreement'])}, max abs diff {g['max_abs_diff']:.4g}")
     if h:
         at_build = f"{h['build_value']:.2f}%" if h.get("build_value") is not None else "-"
         if h.get("build_samples") and h["build_samples"] != h["samples"]:
