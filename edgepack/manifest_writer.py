@@ -101,8 +101,10 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
     n = min(VALIDATION_SAMPLES, len(ev))
     in_names = [s.name for s in project.input_specs()]
     out_names = [o.name for o in exported.outputs]
-    np.savez(vdir / "inputs.npz", **{k: np.concatenate([ev.samples[i][k] for i in range(n)]) for k in in_names})
-    np.savez(vdir / "outputs.npz", **{k: np.concatenate([outputs[i][j] for i in range(n)])
+    # samples stacked on a new first axis: each entry is one sample as the model takes it (batch 1 wherever
+    # the batch dim is, e.g. a recurrent state [layers, batch, hidden])
+    np.savez(vdir / "inputs.npz", **{k: np.stack([ev.samples[i][k] for i in range(n)]) for k in in_names})
+    np.savez(vdir / "outputs.npz", **{k: np.stack([outputs[i][j] for i in range(n)])
                                       for j, k in enumerate(out_names)})
     holdout_file, n_hold = None, 0
     text = _bundle_text(shared, staging)
@@ -118,7 +120,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
         n_hold = len(idx)
         np.savez(vdir / "holdout.npz", labels=np.asarray([ev.labels[i] for i in idx], np.int64),
-                 **{k: np.concatenate([ev.samples[i][k] for i in idx]) for k in in_names})
+                 **{k: np.stack([ev.samples[i][k] for i in idx]) for k in in_names})
         holdout_file = "validation/holdout.npz"
     tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
     pre = project.preprocess.model_dump() if project.preprocess else None

@@ -48,13 +48,14 @@ def _golden(runner, bundle_root: Path, manifest) -> dict[str, Any]:
     # top-1 agreement on the output the accuracy budget gates on, when that output is a class-score vector
     gate = (manifest.measurements.compiled.accuracy or {}).get("output", out_names[0])
     k = out_names.index(gate) if gate in out_names else 0
-    scores = outs[out_names[k]].ndim == 2 and outs[out_names[k]].shape[1] > 1
+    one = outs[out_names[k]].shape[1:]  # one sample's output (files hold samples stacked on axis 0)
+    scores = len(one) == 2 and one[0] == 1 and one[1] > 1
     within, agree, max_err, failing = 0, 0, 0.0, []
     for i in range(v.samples):
-        got = runner.run({k: ins[k][i : i + 1] for k in names})
+        got = runner.run({k: ins[k][i] for k in names})
         ok = True
         for j, name in enumerate(out_names):
-            ref = outs[name][i : i + 1]
+            ref = outs[name][i]
             err = np.abs(got[j].astype(np.float64) - ref.astype(np.float64))
             max_err = max(max_err, float(err.max()) if err.size else 0.0)
             ok &= bool(np.all(err <= tol["atol"] + tol["rtol"] * np.abs(ref)))
@@ -81,7 +82,7 @@ def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
     data = np.load(bundle_root / v.holdout_file)
     names = [i["name"] for i in manifest.runtime.inputs]
     labels = data["labels"]
-    correct = sum(int(np.argmax(runner.run({k: data[k][i : i + 1] for k in names})[0].reshape(-1)) == labels[i])
+    correct = sum(int(np.argmax(runner.run({k: data[k][i] for k in names})[0].reshape(-1)) == labels[i])
                   for i in range(len(labels)))
     return {"metric": "top1", "value": round(100.0 * correct / len(labels), 3), "samples": int(len(labels)),
             "note": "labelled holdout shipped in the bundle (a subset of the build's evaluation set)"}
@@ -109,7 +110,7 @@ def _text_holdout(runner, bundle_root: Path, manifest) -> dict[str, Any]:
     for i, row in enumerate(rows):
         feeds = encoder.encode(row["text"], f"{v.holdout_file} line {i + 1}")
         if i < v.samples:
-            same += int(all(np.array_equal(feeds[k], golden[k][i : i + 1]) for k in names))
+            same += int(all(np.array_equal(feeds[k], golden[k][i]) for k in names))
         correct += int(np.argmax(runner.run(feeds)[0].reshape(-1)) == int(row["label"]))
     n_check = min(v.samples, len(rows))
     return {"metric": "top1", "value": round(100.0 * correct / len(rows), 3), "samples": len(rows),
@@ -144,7 +145,7 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         golden = _golden(runner, opened.root, m)
         holdout = _holdout(runner, opened.root, m)
         ins = np.load(opened.file(m.validation.inputs_file))
-        sample = {i["name"]: ins[i["name"]][:1] for i in m.runtime.inputs}
+        sample = {i["name"]: ins[i["name"]][0] for i in m.runtime.inputs}
         latency = measure_latency(runner, sample, meas.get("warmup_runs", 10), runs or meas.get("runs", 100),
                                   meas.get("max_seconds", 30.0), threads)
     built = m.measurements.compiled

@@ -120,13 +120,13 @@ def test_unsupported_operator_is_named(tmp_path):
 
 # --- a recurrent model with a state input ----------------------------------------------------------
 
-def _gru_onnx(path: Path) -> None:
+def _gru_onnx(path: Path, layers: int = 1) -> None:
     import torch
 
     class Tagger(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.gru = torch.nn.GRU(8, 16, batch_first=True)
+            self.gru = torch.nn.GRU(8, 16, num_layers=layers, batch_first=True)
             self.head = torch.nn.Linear(16, 5)
 
         def forward(self, x, h0):
@@ -134,7 +134,7 @@ def _gru_onnx(path: Path) -> None:
             return self.head(y[:, -1]), hn
 
     torch.manual_seed(0)
-    args = (torch.randn(2, 10, 8), torch.zeros(1, 2, 16))
+    args = (torch.randn(2, 10, 8), torch.zeros(layers, 2, 16))
     torch.onnx.export(Tagger().eval(), args, str(path), input_names=["x", "h0"], output_names=["logits", "hn"],
                       dynamic_axes={"x": {0: "batch"}, "h0": {1: "batch"}, "logits": {0: "batch"}, "hn": {1: "batch"}},
                       opset_version=17, dynamo=False)
@@ -149,13 +149,14 @@ evaluation: {source: data/eval.npz}
 """
 
 
-def _state_data(root: Path, with_state: bool = True) -> None:
+def _state_data(root: Path, with_state: bool = True, layers: int = 1) -> None:
     rng = np.random.default_rng(0)
     (root / "data").mkdir(exist_ok=True)
     for name, n in (("calib", 120), ("eval", 60)):
         arrays = {"x": rng.normal(size=(n, 10, 8)).astype(np.float32)}
         if with_state:  # hidden states carried over from earlier steps of a stream, one per sample
-            arrays["h0"] = np.tanh(rng.normal(size=(n, 1, 16))).astype(np.float32)[:, None].reshape(n, 1, 16)
+            # one entry per sample on the first axis, each as declared without its batch dim: [layers, 16]
+            arrays["h0"] = np.tanh(rng.normal(size=(n, layers, 16))).astype(np.float32)
         np.savez(root / "data" / f"{name}.npz", **arrays)
 
 
@@ -174,6 +175,21 @@ def test_recurrent_model_with_a_state_input_builds(tmp_path):
         assert [o["name"] for o in m.runtime.outputs] == ["logits", "hn"]
         acc = m.measurements.compiled.accuracy
         assert acc["samples"] == 60 and acc["cosine_mean"] > 0.95, (target, acc)
+
+
+def test_two_layer_state_is_fed_from_an_npz(tmp_path):
+    """h0 is [layers, batch, hidden]: the batch dim is not the first, and the npz holds [N, layers, hidden]."""
+    from edgepack.api import build
+    from edgepack.validation import validate
+
+    _gru_onnx(tmp_path / "gru.onnx", layers=2)
+    _state_data(tmp_path, layers=2)
+    (tmp_path / "edgepack.yaml").write_text(GRU_YAML)
+    (r,) = build(tmp_path, ["onnx"], tmp_path / "dist")
+    assert r.manifest.runtime.inputs[1]["shape"] == [2, "batch", 16]
+    assert r.manifest.measurements.compiled.accuracy["cosine_mean"] > 0.95
+    report = validate(r.bundle, report=tmp_path / "report.json", runs=3)
+    assert report["passed"]
 
 
 def test_missing_state_input_in_the_data_is_named(tmp_path):
@@ -227,3 +243,29 @@ def test_external_data_files_travel_with_the_model(tmp_path):
         load = next(s for s in r.manifest.stages if s["name"] == "load")
         assert load["config"]["external_data"] is True
         assert r.manifest.measurements.compiled.accuracy["cosine_mean"] > 0.8
+
+
+def test_scalar_input_builds(tmp_path):
+    """An input declared `shape: []` (a gain, a temperature) is fed from an npz holding one value per sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.api import build
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["xs"]), helper.make_node("MatMul", ["xs", "w"], ["scores"])],
+        "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                   helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    (tmp_path / "data").mkdir()
+    for name, n in (("calib", 100), ("eval", 50)):
+        np.savez(tmp_path / "data" / f"{name}.npz", x=rng.normal(size=(n, 4)).astype(np.float32),
+                 gain=rng.uniform(0.5, 2.0, size=n).astype(np.float32))
+    (tmp_path / "edgepack.yaml").write_text(
+        "name: scalar\nversion: 0.1.0\nmodel: {path: m.onnx}\n"
+        "calibration: {source: data/calib.npz}\nevaluation: {source: data/eval.npz}\n")
+    (r,) = build(tmp_path, ["onnx"], tmp_path / "dist")
+    assert r.manifest.runtime.inputs[1]["shape"] == []
+    assert r.manifest.measurements.compiled.accuracy["cosine_mean"] > 0.99

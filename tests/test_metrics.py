@@ -171,6 +171,8 @@ def test_fidelity_forms_follow_the_output_shape():
     assert acc.form_of(np.zeros((1, 8, 5))) == "sequence"
     assert acc.form_of(np.zeros((1, 3, 8, 8))) == "map"
     assert acc.form_of(np.zeros((1, 1))) == "value"
+    assert acc.form_of(np.zeros((2, 1, 16))) == "sequence"  # a recurrent state [layers, batch, hidden]
+    assert acc.form_of(np.zeros((3, 4, 5))) == "values"
 
 
 def test_error_metrics_gate_the_other_way():

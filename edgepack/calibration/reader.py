@@ -174,6 +174,13 @@ def check_labels(raw: list[Any], indices: list[int], source: str, n_classes: int
     return out
 
 
+def batch_axis(t: TensorSpec) -> int | None:
+    """Where the batch dim of an input is: the dim named `batch`, else the first; None for a scalar."""
+    if not t.shape:
+        return None
+    return t.shape.index("batch") if "batch" in t.shape else 0
+
+
 def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: str) -> None:
     names = {t.name for t in inputs}
     if set(sample) != names:
@@ -191,7 +198,8 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
         ok = len(a.shape) == len(t.shape) and all(
             (isinstance(d, str) or d == s) for d, s in zip(t.shape, a.shape)
         )
-        if not ok or a.shape[0] != 1:
+        ax = batch_axis(t)
+        if not ok or (ax is not None and a.shape[ax] != 1):
             if len(a.shape) == 4 == len(t.shape):
                 nchw = (a.shape[0], a.shape[3], a.shape[1], a.shape[2])
                 if all(isinstance(d, str) or d == s for d, s in zip(t.shape, nchw)):
@@ -201,8 +209,10 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
                         hint="store np.transpose(x, (0, 3, 1, 2)), or store raw HxWxC images and let `preprocess` "
                              "(layout: NCHW) convert them; the tflite backend makes the device's NHWC itself")
             raise CalibrationError(
-                f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {t.shape_str} with batch 1"
-            )
+                f"{what}: input '{t.name}' has shape {tuple(a.shape)}, expected {t.shape_str}"
+                + ("" if ax is None else f" with batch 1 (axis {ax})"),
+                hint="in an .npz, each array holds one entry per sample on its first axis; each entry has the "
+                     "declared shape without its batch dim")
 
 
 def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str):
@@ -231,7 +241,10 @@ def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str
         n = len(data[names[0]])
         if any(len(data[k]) != n for k in names):
             raise CalibrationError(f"{where}: arrays in {path.name} have different lengths")
-        return [{k: data[k][i : i + 1] for k in names} for i in range(n)], labels
+        # one sample per entry of the first axis, given the batch dim (size 1) where the input declares it
+        axes = {t.name: batch_axis(t) for t in inputs}
+        return [{k: np.asarray(data[k][i]) if axes[k] is None else np.expand_dims(data[k][i], axes[k]) for k in names}
+                for i in range(n)], labels
     present = [n for n in names if n in keys]
     if present:
         missing = [n for n in names if n not in keys]

@@ -146,16 +146,18 @@ def _outs(outputs, index: int) -> list[np.ndarray]:
 
 
 def form_of(sample_output: np.ndarray) -> str:
-    """How `fidelity` scores an output, from its shape without the batch dim."""
-    shape = [d for d in sample_output.shape[1:]] if sample_output.ndim > 1 else list(sample_output.shape)
-    size = int(np.prod(shape)) if shape else 1
-    if size == 1:
+    """How `fidelity` scores an output, from one sample's output (batch dim included, size 1)."""
+    a = np.asarray(sample_output)
+    squeezed = [d for d in a.shape if d != 1]
+    if a.size == 1:
         return "value"
-    if len(shape) == 1:
+    if len(squeezed) == 1:
         return "scores"
-    if len(shape) == 2:
+    if a.ndim == 4 and a.shape[0] == 1:
+        return "map"
+    if len(squeezed) == 2:
         return "sequence"
-    return "map"
+    return "values"
 
 
 def _score_entry(e: Entry, outputs, labels, reference) -> dict:
@@ -195,6 +197,7 @@ def _fidelity(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
     g64 = [np.asarray(g, np.float64) for g in got]
     r64 = [np.asarray(r, np.float64) for r in ref]
     form = form_of(r64[0]) if r64 else "value"
+    form = "values" if form == "value" else form
     flat_g = np.concatenate([g.reshape(-1) for g in g64])
     flat_r = np.concatenate([r.reshape(-1) for r in r64])
     err = flat_g - flat_r
@@ -216,7 +219,7 @@ def _fidelity(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
         rec.update(value=round(100.0 * agree / n, 3), top1_agreement=round(agree / n, 5),
                    form="scores: top-1 agreement with FP32")
     elif form == "sequence":
-        same = [float(np.mean(np.argmax(g.reshape(g.shape[-2:]), -1) == np.argmax(r.reshape(r.shape[-2:]), -1)))
+        same = [float(np.mean(np.argmax(np.squeeze(g), -1) == np.argmax(np.squeeze(r), -1)))
                 for g, r in zip(g64, r64)]
         rec.update(value=round(100.0 * float(np.mean(same)), 3),
                    form="sequence: per-position top-1 agreement with FP32 (last axis)")
