@@ -176,6 +176,9 @@ class Manifest(Strict):
                                               "level reached and why, and the float-op report")
     text: dict[str, Any] | None = Field(default=None, description="text models: the bundled tokenizer, max sequence "
                                                                   "length, padding; how text becomes inputs")
+    coverage: dict[str, Any] | None = Field(
+        default=None, description="quantization coverage of the compiled model (ONNX QDQ, OpenVINO IR): the share of "
+                                  "weighted ops and of MACs that run in INT8, subgraphs included, and the ops that do not")
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> "Manifest":

@@ -133,6 +133,7 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         indent=2) + "\n")
     (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     stages = [s.to_json() for s in shared.stages] + [s.to_json() for s in compiled.lineage]
+    coverage, coverage_warnings = _coverage(compiled)
     toolchain = dict(shared.toolchain)
     profile_dump = profile.model_dump(mode="json")
     return Manifest(
@@ -155,13 +156,33 @@ def assemble(shared: Any, profile: TargetProfile, backend: Backend, compiled: Mo
         acceptance=gates(project, profile, ref, got),
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
-        preprocess=pre, labels=labels, tuning=tuning, warnings=list(shared.warnings) + list(compiled.details.get("warnings", [])), prune=prune,
+        preprocess=pre, labels=labels, tuning=tuning, prune=prune, coverage=coverage,
+        warnings=list(shared.warnings) + list(compiled.details.get("warnings", [])) + coverage_warnings,
         conversion=_conversion(compiled, tuning), text=text,
     )
 
 
 def _color(pre: dict[str, Any]) -> str:
     return {"gray": "grayscale (HxW or HxWx1; RGB is converted)", "bgr": "BGR"}.get(pre.get("color", "rgb"), "RGB")
+
+
+def _coverage(compiled: ModelArtifact) -> tuple[dict[str, Any] | None, list[str]]:
+    """What really runs in INT8 (ONNX QDQ and OpenVINO IR; TFLite has its float-op report), and a warning
+    when the declared precision is not what most of the model runs in."""
+    from edgepack.measure.coverage import coverage_for, describe
+
+    try:
+        cov = coverage_for(compiled.path)
+    except Exception as e:  # noqa: BLE001 - a report must never fail a build
+        return {"error": f"coverage could not be computed: {type(e).__name__}: {e}"}, []
+    if cov is None:
+        return None, []
+    cov = {**cov, "summary": describe(cov)}
+    warnings = []
+    share = cov.get("macs_share")
+    if compiled.precision.startswith("int8") and share is not None and share < 0.9:
+        warnings.append(f"declared int8, but {describe(cov)}")
+    return cov, warnings
 
 
 def _conversion(compiled: ModelArtifact, tuning: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -171,3 +171,12 @@ def test_validate_refuses_a_truncated_bundle(built, tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError):
         validate(bad)
+
+
+def test_manifests_report_quantization_coverage(built):
+    """What really runs in INT8, counted in the compiled file itself (subgraphs included)."""
+    _, results = built
+    for target in ("cpu", "onnx"):
+        cov = results[target].manifest.coverage
+        assert cov["weighted_ops"] == 4 and cov["int8_ops"] >= 3, (target, cov)
+        assert cov["macs_share"] >= 0.8 and cov["summary"].startswith("int8 on"), (target, cov)

@@ -113,6 +113,9 @@ def build(
 
                 for line in prune_lines(r.manifest.prune):
                     out.print(f"  [dim]{escape(line)}[/]")
+            cov = r.manifest.coverage
+            if cov and cov.get("summary"):
+                out.print(f"  [dim]{escape(cov['summary'])}[/]")
             conv = r.manifest.conversion
             if conv is not None:
                 from edgepack.backends.tflite import describe_float_ops

@@ -71,6 +71,8 @@ def inspect(
     acc = m["acceptance"]
     verdict = "[green]passed[/]" if acc["passed"] else "[red]FAILED[/]: " + escape("; ".join(acc["reasons"]))
     out.print(f"acceptance {verdict}  gates {acc['gates'] or 'none set'}")
+    if (m.get("coverage") or {}).get("summary"):
+        out.print(f"quantization coverage: {escape(m['coverage']['summary'])}")
     if m.get("warnings"):
         for w in m["warnings"]:
             out.print(f"[yellow]warning:[/] {escape(w)}")

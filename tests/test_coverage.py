@@ -1,0 +1,275 @@
+"""Quantization coverage (edgepack.measure.coverage) on tiny models made here: a CNN quantized to QDQ by
+edgepack's own quantize stage, ONNX models with an ``If`` holding a Conv, and OpenVINO IR from NNCF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepack.calibration.reader import SampleSet
+from edgepack.measure.coverage import coverage_for, describe, onnx_coverage, openvino_coverage
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+h, T, nh = onnx.helper, onnx.TensorProto, onnx.numpy_helper
+
+SHAPE = (1, 3, 16, 16)
+# Conv 3->8 3x3 on 16x16, Conv 8->16 3x3 stride 2 -> 8x8, Linear 1024 -> 10
+CNN_MACS = 8 * 3 * 9 * 256 + 16 * 8 * 9 * 64 + 1024 * 10
+
+
+def _samples(n: int = 4, name: str = "x") -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{name: rng.standard_normal(SHAPE).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    ).eval()
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    torch.onnx.export(model, torch.randn(*SHAPE), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    return path
+
+
+def _qdq(src: Path, out: Path, workdir: Path, **kw) -> Path:
+    from edgepack.stages.quantize_qdq import preprocess, quantize
+
+    pre = preprocess(src, workdir / f"{src.stem}-pre.onnx")
+    calibration = SampleSet(_samples(name=onnx.load(str(src)).graph.input[0].name), None, "random")
+    quantize(pre, out, calibration, "minmax", workdir, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn_qdq(cnn, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("qdq")
+    return _qdq(cnn, work / "cnn-int8.onnx", work)
+
+
+def test_fp32_onnx_has_no_int8(cnn):
+    cov = onnx_coverage(cnn)
+    assert (cov["weighted_ops"], cov["int8_ops"], cov["ops_share"], cov["macs_share"]) == (3, 0, 0.0, 0.0)
+    assert cov["macs"] == CNN_MACS and not cov["macs_estimated"]
+    assert {f["type"] for f in cov["float_ops"]} == {"Conv", "Gemm"}
+    assert all(f["where"] == "main graph" for f in cov["float_ops"])
+    assert cov["subgraphs"] == {"count": 0, "weighted_ops": 0, "int8_ops": 0, "macs": 0, "int8_macs": 0}
+    assert describe(cov).startswith("int8 on 0% of MACs (0 of 3 weighted ops); float: ")
+
+
+def test_qdq_onnx_is_fully_int8(cnn_qdq):
+    cov = coverage_for(cnn_qdq)
+    assert (cov["weighted_ops"], cov["int8_ops"], cov["ops_share"], cov["macs_share"]) == (3, 3, 1.0, 1.0)
+    assert cov["macs"] == cov["int8_macs"] == CNN_MACS
+    assert cov["float_ops"] == []
+    assert describe(cov) == "int8 on 100% of MACs (3 of 3 weighted ops)"
+    assert "DequantizeLinear" in cov["how"]
+
+
+def test_excluded_node_is_reported_float(cnn, tmp_path):
+    pre = onnx.load(str(cnn))
+    gemm = next(n.name for n in pre.graph.node if n.op_type == "Gemm")
+    out = _qdq(cnn, tmp_path / "partial.onnx", tmp_path, exclude=[gemm])
+    cov = onnx_coverage(out)
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 2)
+    assert cov["float_ops"] == [{"name": gemm, "type": "Gemm", "macs": 10240, "where": "main graph"}]
+    assert cov["macs_share"] == pytest.approx((CNN_MACS - 10240) / CNN_MACS)
+    assert f"float: {gemm} (Gemm)" in describe(cov)
+
+
+def test_external_data_model_loads(cnn_qdq, tmp_path, monkeypatch):
+    model = onnx.load(str(cnn_qdq))
+    ext = tmp_path / "ext" / "m.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (ext.parent / "m.onnx.data").is_file()
+    monkeypatch.chdir(tmp_path)            # data is found beside the model, not in the working folder
+    cov = onnx_coverage(ext)
+    assert (cov["int8_ops"], cov["macs"], cov["macs_share"]) == (3, CNN_MACS, 1.0)
+
+
+def test_coverage_for_dispatch(tmp_path):
+    assert coverage_for(tmp_path / "model.tflite") is None
+    assert coverage_for(tmp_path / "model.engine") is None
+
+
+def test_symbolic_batch_counts_as_one(tmp_path):
+    w = nh.from_array(np.ones((10, 32), np.float32), "w")
+    g = h.make_graph([h.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["batch", 32])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["batch", 10])], [w])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "fc.onnx"))
+    cov = onnx_coverage(tmp_path / "fc.onnx")
+    assert (cov["macs"], cov["macs_estimated"]) == (320, True)
+    assert describe(cov).startswith("int8 on ~0% of MACs")
+
+
+# ---------------------------------------------------------------------------------- ONNX If subgraph
+
+def _if_model(quantized_branch: bool = False) -> onnx.ModelProto:
+    """inp [1,3,8,8] -> main_conv (1x1) -> x; If(cond): then/else each a 3x3 Conv 3->4 on x.
+
+    With ``quantized_branch`` the model is QDQ by hand: x goes through Q/DQ in the main graph and
+    then_branch's weight is an int8 initializer behind a DequantizeLinear (else_branch stays float)."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "wm")]
+    nodes = [h.make_node("Conv", ["inp", "wm"], ["x"], name="main_conv")]
+    act = "x"
+    if quantized_branch:
+        inits += [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(0, np.int8), "zp")]
+        nodes += [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="x_q"),
+                  h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xdq"], name="x_dq")]
+        act = "xdq"
+
+    def branch(name: str, int8: bool) -> onnx.GraphProto:
+        w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        if int8:
+            binits = [nh.from_array(np.clip(np.round(w / 0.02), -127, 127).astype(np.int8), f"{name}_wq"),
+                      nh.from_array(np.array(0.02, np.float32), f"{name}_ws"),
+                      nh.from_array(np.array(0, np.int8), f"{name}_wz")]
+            bnodes = [h.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws", f"{name}_wz"], [f"{name}_w"],
+                                  name=f"{name}_w_dq")]
+        else:
+            binits, bnodes = [nh.from_array(w, f"{name}_w")], []
+        bnodes.append(h.make_node("Conv", [act, f"{name}_w"], [f"{name}_y"], name=f"{name}_conv", pads=[1, 1, 1, 1]))
+        return h.make_graph(bnodes, name, [], [h.make_tensor_value_info(f"{name}_y", T.FLOAT, [1, 4, 8, 8])], binits)
+
+    nodes.append(h.make_node("If", ["cond"], ["y"], name="the_if",
+                             then_branch=branch("then", quantized_branch), else_branch=branch("else", False)))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("inp", T.FLOAT, [1, 3, 8, 8]),
+                                  h.make_tensor_value_info("cond", T.BOOL, [])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+IF_MAIN_MACS, IF_BRANCH_MACS = 3 * 3 * 64, 4 * 3 * 9 * 64
+
+
+def test_if_subgraph_float_convs_are_counted(tmp_path):
+    path = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(path))
+    cov = onnx_coverage(path)
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 0)
+    assert cov["macs"] == IF_MAIN_MACS + 2 * IF_BRANCH_MACS
+    assert cov["subgraphs"]["count"] == 2 and cov["subgraphs"]["weighted_ops"] == 2
+    where = {f["name"]: f["where"] for f in cov["float_ops"]}
+    assert where == {"then_conv": "subgraph the_if", "else_conv": "subgraph the_if", "main_conv": "main graph"}
+    assert describe(cov).endswith("2 subgraphs: 0 of 2 weighted ops int8")
+
+
+def test_if_subgraph_quantized_inside_is_int8(tmp_path):
+    path = tmp_path / "if-qdq.onnx"
+    onnx.save(_if_model(quantized_branch=True), str(path))
+    cov = onnx_coverage(path)
+    # then_conv: activation DQ'd in the main graph (outer scope), weight DQ'd in the branch -> int8
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 1)
+    assert cov["subgraphs"]["int8_ops"] == 1 and cov["subgraphs"]["int8_macs"] == IF_BRANCH_MACS
+    assert {f["name"] for f in cov["float_ops"]} == {"main_conv", "else_conv"}
+
+
+def test_edgepack_qdq_leaves_if_branches_float(tmp_path):
+    """ONNX Runtime's QDQ quantizer only walks the main graph (EnableSubgraph is QOperator-only):
+    the branches' Convs stay float and coverage says so."""
+    src = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(src))
+    rng = np.random.default_rng(1)
+    samples = [{"inp": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(i % 2 == 0)}
+               for i in range(4)]
+    from edgepack.stages.quantize_qdq import quantize
+
+    out = tmp_path / "if-int8.onnx"
+    quantize(src, out, SampleSet(samples, None, "random"), "minmax", tmp_path, extra={"EnableSubgraph": True})
+    cov = onnx_coverage(out)
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 1)
+    assert [f["name"] for f in cov["float_ops"] if f["where"] == "main graph"] == []
+    assert cov["subgraphs"]["weighted_ops"] == 2 and cov["subgraphs"]["int8_ops"] == 0
+    assert cov["macs_share"] == pytest.approx(IF_MAIN_MACS / (IF_MAIN_MACS + 2 * IF_BRANCH_MACS))
+
+
+# ------------------------------------------------------------------------------------------- OpenVINO
+
+@pytest.fixture(scope="module")
+def ov_irs(cnn, tmp_path_factory) -> tuple[Path, Path]:
+    ov = pytest.importorskip("openvino")
+    nncf = pytest.importorskip("nncf")
+    folder = tmp_path_factory.mktemp("ov")
+    model = ov.convert_model(str(cnn))
+    fp32 = folder / "fp32.xml"
+    ov.save_model(model, str(fp32))
+    data = [s["x"] for s in _samples(8)]
+    q = nncf.quantize(ov.convert_model(str(cnn)), nncf.Dataset(data), subset_size=len(data))
+    int8 = folder / "int8.xml"
+    ov.save_model(q, str(int8))
+    return fp32, int8
+
+
+def test_openvino_fp32_ir_has_no_int8(ov_irs):
+    cov = openvino_coverage(ov_irs[0])
+    assert (cov["weighted_ops"], cov["int8_ops"], cov["macs_share"]) == (3, 0, 0.0)
+    assert cov["macs"] == CNN_MACS
+
+
+def test_openvino_nncf_ir_is_int8(ov_irs):
+    cov = coverage_for(ov_irs[1])
+    assert cov["int8_ops"] > 0 and cov["macs_share"] > 0.9
+    assert cov["macs"] == CNN_MACS
+    assert "FakeQuantize" in cov["how"]
+    assert describe(cov).startswith("int8 on ")
+
+
+def test_openvino_if_body_is_walked(tmp_path):
+    ov = pytest.importorskip("openvino")
+    src = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(src))
+    xml = tmp_path / "if.xml"
+    ov.save_model(ov.convert_model(str(src)), str(xml))
+    cov = openvino_coverage(xml)
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 0)
+    assert cov["subgraphs"]["count"] == 2 and cov["subgraphs"]["weighted_ops"] == 2
+    assert cov["macs"] == IF_MAIN_MACS + 2 * IF_BRANCH_MACS
+
+
+def test_openvino_if_body_fed_from_outer_fakequantize(tmp_path):
+    """The QDQ If model through OpenVINO: x's Q/DQ becomes a FakeQuantize in the main graph, read by the
+    then-body through a body Parameter; the body's i8 weight is a compressed constant."""
+    ov = pytest.importorskip("openvino")
+    src = tmp_path / "if-qdq.onnx"
+    onnx.save(_if_model(quantized_branch=True), str(src))
+    xml = tmp_path / "if-qdq.xml"
+    ov.save_model(ov.convert_model(str(src)), str(xml))
+    cov = openvino_coverage(xml)
+    assert (cov["weighted_ops"], cov["int8_ops"]) == (3, 1)
+    assert cov["subgraphs"]["int8_ops"] == 1 and cov["subgraphs"]["int8_macs"] == IF_BRANCH_MACS
+    assert {f["name"]: f["where"] for f in cov["float_ops"]} == {"else_y": "subgraph y", "main_conv": "main graph"}
+
+
+def test_openvino_nncf_quantizes_if_bodies(tmp_path):
+    ov = pytest.importorskip("openvino")
+    nncf = pytest.importorskip("nncf")
+    src = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(src))
+    rng = np.random.default_rng(2)
+    data = [{"inp": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(i % 2 == 0)}
+            for i in range(6)]
+    xml = tmp_path / "if-int8.xml"
+    ov.save_model(nncf.quantize(ov.convert_model(str(src)), nncf.Dataset(data), subset_size=len(data)), str(xml))
+    cov = openvino_coverage(xml)
+    assert (cov["weighted_ops"], cov["int8_ops"], cov["macs_share"]) == (3, 3, 1.0)
+    assert cov["subgraphs"] == {"count": 2, "weighted_ops": 2, "int8_ops": 2,
+                                "macs": 2 * IF_BRANCH_MACS, "int8_macs": 2 * IF_BRANCH_MACS}
+    assert describe(cov) == "int8 on 100% of MACs (3 of 3 weighted ops); 2 subgraphs: 2 of 2 weighted ops int8"
