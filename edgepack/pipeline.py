@@ -508,7 +508,8 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     if not plain.meets_budget and profile.precision == "int8" and shared.tuning["enabled"] and not ladder:
         with _Stage(progress, f"tune {profile.name} for the accuracy budget") as st:
             result = search(plain, list(backend.calibration_methods), try_build,
-                            lambda: rank_layers(art.path, shared.calibration, workdir / "sensitivity"),
+                            lambda deadline: rank_layers(art.path, shared.calibration, workdir / "sensitivity",
+                                                         deadline=deadline),
                             shared.tuning["max_minutes"], shared.tuning["max_steps"],
                             lambda msg: progress(f"tune {profile.name}: {msg}", "note", None, ""))
             chosen = result.best
@@ -621,6 +622,10 @@ def accuracy_budget(project: Project, profile: TargetProfile, ref: dict):
     return lambda value: acc.drop(ref, {**ref, "value": value}) <= min(limits) + 1e-9
 
 
+def _finite(v: float | None) -> float | None:
+    return round(v, 6) if v is not None and v == v else None
+
+
 def _tuning_record(result: Any, ref_acc: dict, settings: dict[str, Any]) -> dict[str, Any]:
     sens = dict(result.sensitivity)
     best = result.best
@@ -628,10 +633,12 @@ def _tuning_record(result: Any, ref_acc: dict, settings: dict[str, Any]) -> dict
         "budget_met": best.meets_budget, "stopped": result.stopped,
         "max_minutes": settings["max_minutes"], "max_steps": settings["max_steps"],
         "chosen": {"step": best.step, "calibration_method": best.method},
-        "kept_in_higher_precision": [{"layer": n, "sensitivity": round(sens.get(n, float("nan")), 6)} for n in best.kept],
+        "kept_in_higher_precision": [{"layer": n, "sensitivity": _finite(sens.get(n))} for n in best.kept],
         "steps": [t.to_json(ref_acc) for t in result.trials],
         "failed_steps": list(result.failed),
-        "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity],
+        "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity if e == e],
+        "ranking": {"ranked": sum(1 for _, e in result.sensitivity if e == e), "layers": len(result.sensitivity),
+                    "note": "the ranking stops at half the time left; layers not ranked are kept in float last"},
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
                            "error of the model output vs FP32 on calibration samples",
     }

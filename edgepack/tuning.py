@@ -60,11 +60,13 @@ class TuningResult:
 
 
 def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int = SENSITIVITY_SAMPLES,
-                symmetric: bool = True) -> list[tuple[str, float]]:
+                symmetric: bool = True, deadline: float | None = None) -> list[tuple[str, float]]:
     """(node name, output error) for each weighted layer quantized alone, most sensitive first.
 
     The error is the mean relative squared error of the model's first output against FP32,
-    ``||y_q - y||^2 / ||y||^2``, over ``samples`` calibration samples.
+    ``||y_q - y||^2 / ||y||^2``, over ``samples`` calibration samples. Past ``deadline`` (a
+    time.monotonic() value) the ranking stops after the layer in hand: the layers not ranked follow the
+    ranked ones in graph order, with error NaN.
     """
     import onnx
     import onnxruntime as ort
@@ -86,6 +88,9 @@ def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int =
     ref = outputs(pre)
     scores = []
     for i, node in enumerate(nodes):
+        if scores and deadline is not None and time.monotonic() > deadline:
+            ranked = sorted(scores, key=lambda t: -t[1])
+            return ranked + [(n, float("nan")) for n in nodes[len(scores):]]
         out = workdir / f"only-{i}.onnx"
         quantize_qdq.quantize(pre, out, subset, "minmax", workdir, symmetric_activations=symmetric,
                               exclude=[n for n in nodes if n != node], ranges=ranges)
@@ -97,9 +102,10 @@ def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int =
 
 
 def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list[str]], Trial],
-           rank: Callable[[], list[tuple[str, float]]], max_minutes: float, max_steps: int,
+           rank: Callable[[float], list[tuple[str, float]]], max_minutes: float, max_steps: int,
            progress: Callable[[str], None]) -> TuningResult:
-    """Run the search from the plain INT8 trial. ``try_build(step, method, kept)`` compiles and scores."""
+    """Run the search from the plain INT8 trial. ``try_build(step, method, kept)`` compiles and scores;
+    ``rank(deadline)`` ranks the layers, stopping at ``deadline``."""
     deadline = time.monotonic() + max_minutes * 60
     trials = [plain]
 
@@ -141,7 +147,11 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
     if stop := out_of_budget():
         return finish(stop)
     progress("ranking layer sensitivity")
-    sens = rank()
+    # the ranking may use half of the time left; the layers it has not reached come last
+    sens = rank(time.monotonic() + (deadline - time.monotonic()) / 2)
+    unranked = sum(1 for _, e in sens if e != e)
+    if unranked:
+        progress(f"ranking stopped at half the time left: {len(sens) - unranked} of {len(sens)} layers ranked")
     order = [name for name, _ in sens]
     method = best_method.method
     lo, hi, k = 0, None, 1

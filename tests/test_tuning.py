@@ -160,8 +160,38 @@ def test_a_calibration_method_the_toolchain_cannot_fit_is_skipped_and_recorded()
 
     notes: list[str] = []
     result = search(trial("plain int8", "minmax", [], 80.0), ["minmax", "entropy", "percentile"], try_build,
-                    lambda: [], 1.0, 5, notes.append)
+                    lambda deadline: [], 1.0, 5, notes.append)
     assert result.best.method == "percentile" and result.best.meets_budget
     assert result.failed == [{"step": "calibration entropy",
                               "error": "ONNX Runtime quantization failed: Too many bins for data range."}]
     assert any("entropy failed" in n for n in notes)
+
+
+def test_the_ranking_stops_at_its_deadline(tmp_path):
+    """With the time cap already spent, one layer is ranked and the others follow unranked (NaN), so a
+    cap is honoured inside the ranking step, not only between steps."""
+    import time
+
+    from edgepack.tuning import Trial, rank_layers, search
+
+    art = tiny_onnx(tmp_path / "m")
+    data = samples(16)
+    full = rank_layers(art.path, data, tmp_path / "full")
+    cut = rank_layers(art.path, data, tmp_path / "cut", deadline=time.monotonic())
+    assert len(cut) == len(full) >= 2 and cut[0][1] == cut[0][1] and all(e != e for _, e in cut[1:])
+    assert {n for n, _ in cut} == {n for n, _ in full}
+
+    seen: list[float] = []
+
+    def rank(deadline):
+        seen.append(deadline - time.monotonic())
+        return [("a", 0.5), ("b", float("nan"))]
+
+    def try_build(step, method, kept):
+        return Trial(step, method, kept, None, {"value": 95.0 if kept else 80.0}, [], 1.0, 0.1, bool(kept))
+
+    notes: list[str] = []
+    result = search(Trial("plain", "minmax", [], None, {"value": 80.0}, [], 1.0, 0.1, False), ["minmax"],
+                    try_build, rank, 2.0, 5, notes.append)
+    assert 0 < seen[0] <= 60.0 + 1  # half of the 2 minutes left
+    assert result.best.kept == ["a"] and any("1 of 2 layers ranked" in n for n in notes)

@@ -83,7 +83,7 @@ def inspect(
     if m.get("conversion"):
         _conversion(m["conversion"], (m["runtime"].get("io") or {}))
     if t and t.get("kind") != "fallback ladder":
-        kept = ", ".join(f"{k['layer']} ({k['sensitivity']:.3g})" for k in t["kept_in_higher_precision"]) or "none"
+        kept = ", ".join(f"{k['layer']} ({fmt(k['sensitivity'], 3)})" for k in t["kept_in_higher_precision"]) or "none"
         verdict = "[green]met[/]" if t["budget_met"] else "[red]not met[/]"
         out.print(f"accuracy budget {verdict}: {escape(t['stopped'])}; calibration "
                   f"{t['chosen']['calibration_method']}; kept in higher precision: {escape(kept)}")
