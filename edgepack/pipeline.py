@@ -518,7 +518,7 @@ def _build_target(shared: _Shared, profile: TargetProfile, backend: Backend, opt
     compiled = _move_into(chosen.compiled, staging / "model")
     with _Stage(progress, f"measure {profile.name}") as st:
         measured, outputs = _measure(shared, backend, compiled.path, list(compiled.all_files), staging,
-                                     threads, profile, f"compiled: {profile.precision} on {backend.name}")
+                                     threads, profile, f"compiled: {_precision_label(compiled, profile)} on {backend.name}")
         measured.accuracy = acc.score(shared.metric_plan, outputs, shared.evaluation.labels, ref["outputs"])
         st.detail = f"{shared.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
     if shared.prune is not None:
@@ -620,6 +620,13 @@ def accuracy_budget(project: Project, profile: TargetProfile, ref: dict):
         return None
     limits = [v for v in (absolute, None if relative is None else relative * abs(ref["value"])) if v is not None]
     return lambda value: acc.drop(ref, {**ref, "value": value}) <= min(limits) + 1e-9
+
+
+def _precision_label(compiled: ModelArtifact, profile: TargetProfile) -> str:
+    """What runs, and the profile's precision when a fallback moved off it (e.g. "fp16 (fallback from int8)")."""
+    if compiled.precision == profile.precision:
+        return compiled.precision
+    return f"{compiled.precision} (fallback from {profile.precision})"
 
 
 def _finite(v: float | None) -> float | None:

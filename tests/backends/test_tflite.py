@@ -290,6 +290,7 @@ def test_tight_budget_falls_back_along_the_ladder(project, tmp_path):
     assert [s["level"] for s in ladder] == list(get_backend("tflite").fallback_levels[:len(ladder)])
     assert conv["reached"] == ladder[-1]["level"] != "int8"
     assert result.manifest.runtime.precision == conv["reached"]
+    assert result.manifest.measurements.compiled.model.startswith(f"compiled: {conv['reached']} (fallback from int8)")
     assert result.manifest.validation.tolerance["rtol"] == (0.05 if "int" in conv["reached"] else 0.01)
     from edgepack.api import validate
 
