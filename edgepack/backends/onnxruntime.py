@@ -31,7 +31,16 @@ class ORTRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+        try:
+            return self.session.run(None, feeds)
+        except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException: the model or its shapes
+            from edgepack.errors import ModelError
+
+            shapes = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feeds.items())
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"ONNX Runtime could not run the model on inputs {shapes}: {first[:300]}",
+                             hint="check `inputs` and `dims` in edgepack.yaml: a fixed size the model's graph "
+                                  "cannot take (a reshape or control flow built for another size) fails here") from e
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> Any:
         """Inputs and outputs bound to the session once (IOBinding); ``invoke`` then only runs it."""

@@ -321,3 +321,29 @@ def test_onnx_weights_with_nan(project, out, digits_onnx):
     before = snapshot(out, project)
     expect_fault(build(project, out), Fault("ONNX weights NaN", 9, ("weights hold NaN", init.name),
                                             [out, project]), before)
+
+
+def test_a_fixed_size_the_graph_cannot_take(tmp_path):
+    """A graph that reshapes to 12 values, declared with 10: ONNX Runtime's failure becomes one line, exit 9."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx
+
+    shape = numpy_helper.from_array(np.array([1, 4, 3], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / "data" / f"{name}.npz", x=rng.normal(size=(20, 10)).astype(np.float32))
+    (tmp_path / "edgepack.yaml").write_text(
+        "name: fixed\nversion: 0.1.0\nmodel: {path: m.onnx}\ninputs: [{name: x, shape: [batch, 10]}]\n"
+        "outputs: [y]\ncalibration: {source: data/calib.npz}\nevaluation: {source: data/eval.npz}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(out)
+    res = cli("build", "--project", tmp_path, "--target", "onnx", "--out", out, "--quiet")
+    expect_fault(res, Fault("fixed size the graph cannot take", 9, ("ONNX Runtime could not run", "x (1, 10)"),
+                            [out]), before)
