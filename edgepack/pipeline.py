@@ -665,10 +665,16 @@ def _move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:
 
 
 def _keep_logs(err: ToolchainError, workdir: Path, out: Path, name: str) -> ToolchainError:
-    """Copy a failed toolchain's logs out of the scratch folder before it is removed."""
+    """Copy a failed toolchain's logs out of the scratch folder before it is removed; a toolchain that
+    wrote none (OpenVINO, NNCF raise exceptions) gets its full error text and traceback kept instead."""
+    import traceback
+
     logs = sorted(workdir.glob("*.log"))
-    if not logs:
-        return err
     kept = out / f"{name}.log"
-    kept.write_text("".join(f"== {p.name}\n{p.read_text()}\n" for p in logs))
-    return ToolchainError(err.message, hint=f"the toolchain's log is kept in {kept}")
+    if logs:
+        kept.write_text("".join(f"== {p.name}\n{p.read_text(errors='replace')}\n" for p in logs))
+    else:
+        cause = err.__cause__ or err
+        kept.write_text(f"== {err.message}\n" + "".join(traceback.format_exception(cause)))
+    first = err.message.strip().splitlines()[0] if err.message.strip() else err.message
+    return ToolchainError(first[:500], hint=f"the toolchain's full message and log are kept in {kept}")

@@ -180,3 +180,23 @@ def test_manifests_report_quantization_coverage(built):
         cov = results[target].manifest.coverage
         assert cov["weighted_ops"] == 4 and cov["int8_ops"] >= 3, (target, cov)
         assert cov["macs_share"] >= 0.8 and cov["summary"].startswith("int8 on"), (target, cov)
+
+
+def test_a_toolchain_failure_without_a_log_keeps_its_full_message(tmp_path):
+    """OpenVINO and NNCF raise exceptions instead of writing logs: the whole text and traceback are
+    kept next to the output, and the error line is its first line."""
+    from edgepack.errors import ToolchainError
+    from edgepack.pipeline import _keep_logs
+
+    (tmp_path / "work").mkdir()
+    try:
+        try:
+            raise RuntimeError("Check 'x' failed at convert.cpp:42\nframe 1\nframe 2")
+        except RuntimeError as cause:
+            raise ToolchainError("OpenVINO could not convert model.onnx: Check 'x' failed\nframe 1") from cause
+    except ToolchainError as e:
+        kept = _keep_logs(e, tmp_path / "work", tmp_path, "m-1.0-cpu.edgepack")
+    log = (tmp_path / "m-1.0-cpu.edgepack.log").read_text()
+    assert "convert.cpp:42" in log and "frame 2" in log and "Traceback" in log
+    assert kept.message == "OpenVINO could not convert model.onnx: Check 'x' failed"
+    assert str(tmp_path / "m-1.0-cpu.edgepack.log") in kept.hint
