@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgepack.cli.common import Format, err, fmt, out, print_json
+from edgepack.cli.common import stdout_to_stderr, Format, err, fmt, out, print_json
 
 
 class _Progress:
@@ -75,8 +75,9 @@ def build(
         key = load_private_key(sign)
     progress = _Progress(quiet)
     try:
-        results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
-                            max_tuning_minutes, prune=flags)
+        with stdout_to_stderr(format == Format.json):
+            results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
+                                max_tuning_minutes, prune=flags)
     finally:
         if progress.status:
             progress.status.stop()

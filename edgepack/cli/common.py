@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
@@ -59,3 +61,33 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """While a command whose stdout is JSON works, send everything else written to stdout (toolchain
+    chatter from Python and from native code: calibrators, converters) to stderr, so that stdout holds
+    the JSON document alone."""
+    if not active:
+        yield
+        return
+    import os
+    import sys
+
+    saved = None
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else None
+    except (OSError, ValueError):  # no real stdout (a test runner's capture)
+        fd = None
+    if fd is not None:
+        sys.__stdout__.flush()
+        saved = os.dup(fd)
+        os.dup2(sys.__stderr__.fileno(), fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.__stdout__.flush()
+            os.dup2(saved, fd)
+            os.close(saved)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgepack.cli.common import err, out, print_json
+from edgepack.cli.common import stdout_to_stderr, err, out, print_json
 from edgepack.compare import Comparison
 from edgepack.errors import ConfigError
 
@@ -110,8 +110,9 @@ def compare(
         raise ConfigError(f"--html {html}: the report file must end in .html", hint="e.g. --html report.html")
     view = _View(quiet)
     try:
-        result = run_compare(project, names, out_dir, list(targets_dir), budget, suite, workers, view.phase,
-                             view.build_event)
+        with stdout_to_stderr(format == CompareFormat.json):
+            result = run_compare(project, names, out_dir, list(targets_dir), budget, suite, workers, view.phase,
+                                 view.build_event)
     finally:
         view.stop()
     written: dict[str, Path] = {}

@@ -215,3 +215,21 @@ def test_a_hung_registry_fails_fast(tmp_path, monkeypatch):
     expect_fault(res, Fault("pull from a hung registry", 12, ("did not answer",)))
     assert len(accepted) == registry.MAX_READ_TIMEOUTS
     assert not (tmp_path / "pulled").exists() or not list((tmp_path / "pulled").iterdir())
+
+
+def test_json_output_stays_clean_when_toolchains_chatter(project, tmp_path):
+    """Anything printed to stdout during the build (Python prints, native writes to fd 1) goes to stderr:
+    `--format json` prints one JSON document on stdout."""
+    import json
+
+    model = project / "model.py"
+    model.write_text(model.read_text().replace(
+        "def build():\n    return DigitsCNN()",
+        "def build():\n    import os\n    print('calibrating... 1/185')\n    os.write(1, b'native chatter\\n')\n"
+        "    return DigitsCNN()"))
+    p = subprocess.run([sys.executable, "-m", "edgepack.cli.main", *_build_args(project, tmp_path / "out"),
+                        "--format", "json"], capture_output=True, text=True, env=os.environ | ENV, timeout=600)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc[0]["target"] == "onnx"
+    assert "calibrating... 1/185" in p.stderr and "native chatter" in p.stderr
