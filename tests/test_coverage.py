@@ -273,3 +273,24 @@ def test_openvino_nncf_quantizes_if_bodies(tmp_path):
     assert cov["subgraphs"] == {"count": 2, "weighted_ops": 2, "int8_ops": 2,
                                 "macs": 2 * IF_BRANCH_MACS, "int8_macs": 2 * IF_BRANCH_MACS}
     assert describe(cov) == "int8 on 100% of MACs (3 of 3 weighted ops); 2 subgraphs: 2 of 2 weighted ops int8"
+
+
+def test_build_reports_the_if_branches_it_could_not_quantize(tmp_path):
+    """An ONNX model whose Convs sit inside an `If`: ONNX Runtime's QDQ quantizer does not enter
+    subgraphs, and the manifest says so instead of claiming int8 for the whole model."""
+    from edgepack.api import build
+
+    onnx.save(_if_model(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for name, n in (("calib", 40), ("eval", 20)):
+        np.savez(tmp_path / "data" / f"{name}.npz", inp=rng.normal(size=(n, 1, 3, 8, 8)).astype(np.float32)[:, 0],
+                 cond=rng.random(n) < 0.5)
+    (tmp_path / "edgepack.yaml").write_text(
+        "name: branchy\nversion: 0.1.0\nmodel: {path: m.onnx}\n"
+        "calibration: {source: data/calib.npz}\nevaluation: {source: data/eval.npz}\n")
+    (r,) = build(tmp_path, ["onnx"], tmp_path / "out")
+    cov = r.manifest.coverage
+    assert cov["subgraphs"]["count"] == 2 and cov["subgraphs"]["int8_ops"] == 0
+    assert {f["where"] for f in cov["float_ops"]} == {"subgraph the_if"}
+    assert any("declared int8, but int8 on" in w for w in r.manifest.warnings)
