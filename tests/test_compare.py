@@ -187,7 +187,7 @@ def test_html_report_is_self_contained_and_renders(compared, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1280,2000",
            written["html"].as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=120)
+    subprocess.run(cmd, capture_output=True, timeout=900)
     assert shot.is_file() and shot.stat().st_size > 50_000
     from PIL import Image
 
