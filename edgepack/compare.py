@@ -18,7 +18,7 @@ from edgepack.bundle import Manifest, Source, bundle_name, read_archive
 from edgepack.errors import ConfigError, EdgepackError
 from edgepack.measure.estimate import BYTES_PER_ELEMENT, GraphCounts, device_peaks, error_pct, estimate
 from edgepack.measure.host import host_info
-from edgepack.project import Project, find_project, load_project
+from edgepack.project import find_project, load_project
 from edgepack.target import TargetProfile, load_target
 
 WORK = ".edgepack-compare"
@@ -167,21 +167,29 @@ def _intact(bundle: Path) -> bool:
         return False
 
 
-def _fingerprints(project: Project, profile: TargetProfile, cache: dict[int, dict[str, str]]) -> dict[str, str]:
-    from edgepack.calibration.reader import load_samples
+def _fingerprints(resolved: Any, profile: TargetProfile, cache: dict[int, dict[str, str]]) -> dict[str, str]:
+    """The data fingerprints a build of ``profile`` records, from the project resolved as the build
+    resolves it (an ONNX file's inputs, a Hugging Face folder's tokenizer)."""
+    from edgepack.pipeline import read_data
 
-    cal = project.calibration
-    n = cal.samples or profile.quantization.samples
+    project = resolved.project
+    n = project.calibration.samples or profile.quantization.samples
     if n not in cache:
-        specs, labels = project.input_specs(), project.label_names()
-        pre = project.preprocess.model_dump() if project.preprocess else None
-        fp = {"calibration": load_samples(cal.source, project.root, specs, pre, n, cal.seed, labels,
-                                          "calibration").fingerprint}
-        ev = project.evaluation
-        fp["evaluation"] = (load_samples(ev.source, project.root, specs, pre, ev.samples, ev.seed, labels,
-                                         "evaluation").fingerprint if ev else fp["calibration"])
+        def read(which: str) -> str:
+            return read_data(project, profile, resolved.text, resolved.text_root, which).fingerprint
+
+        fp = {"calibration": read("calibration")}
+        fp["evaluation"] = read("evaluation") if project.evaluation else fp["calibration"]
         cache[n] = fp
     return cache[n]
+
+
+def _reuse_or_not(plan: Plan, manifest: Manifest, why: str | None, progress: CompareProgress) -> None:
+    if why is None and _intact(plan.bundle):
+        plan.manifest, plan.reused = manifest, True
+        progress(plan.profile.name, "done", f"reused {plan.bundle.name} ({manifest.build_id[:19]})")
+    else:
+        progress(plan.profile.name, "info", f"rebuilding {plan.bundle.name}: {why or 'its files do not match the manifest'}")
 
 
 def plan_targets(targets: list[str], targets_dirs: list[Path] | None) -> list[Plan]:
@@ -239,19 +247,21 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
     work = out / WORK
     source = _source_of(project, project_file)
     fps: dict[int, dict[str, str]] = {}
-    for plan in plans:
-        if not plan.buildable:
-            continue
-        plan.bundle = out / bundle_name(project.name, project.version, plan.profile.name)
-        manifest = read_manifest(plan.bundle) if plan.bundle.is_file() else None
-        if manifest is None:
-            continue
-        why = reusable(manifest, source, plan.profile, _fingerprints(project, plan.profile, fps))
-        if why is None and _intact(plan.bundle):
-            plan.manifest, plan.reused = manifest, True
-            progress(plan.profile.name, "done", f"reused {plan.bundle.name} ({manifest.build_id[:19]})")
-        else:
-            progress(plan.profile.name, "info", f"rebuilding {plan.bundle.name}: {why or 'its files do not match the manifest'}")
+    from edgepack.loaders.resolve import resolve
+    from edgepack.scratch import locked_dir
+
+    with locked_dir(out, ".edgepack-", ".build") as scratch:
+        resolved = None
+        for plan in plans:
+            if not plan.buildable:
+                continue
+            plan.bundle = out / bundle_name(project.name, project.version, plan.profile.name)
+            manifest = read_manifest(plan.bundle) if plan.bundle.is_file() else None
+            if manifest is None:
+                continue
+            resolved = resolved or resolve(project, scratch / "source")
+            why = reusable(manifest, source, plan.profile, _fingerprints(resolved, plan.profile, fps))
+            _reuse_or_not(plan, manifest, why, progress)
     to_build = [p for p in plans if p.buildable and not p.reused]
     if to_build:
         n = workers or default_workers(len(to_build))

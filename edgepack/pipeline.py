@@ -196,21 +196,26 @@ def raise_for_acceptance(results: list[BuildResult]) -> None:
                               bundle=str(failed[0].bundle))
 
 
-def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -> None:
-    project = shared.project
-    specs = project.input_specs()
-    pre = project.preprocess.model_dump() if project.preprocess else None
-    labels = project.label_names()
+def read_data(project: Project, profile: TargetProfile, text_spec: Any, text_root: Path | None,
+              which: str) -> SampleSet:
+    """The calibration or evaluation set of a resolved project, read as the build reads it (``compare``
+    uses it to fingerprint the data a bundle was built from)."""
     text = None
-    if shared.text is not None:
+    if text_spec is not None:
         from edgepack.text import TextEncoder
 
-        text = TextEncoder(shared.text, shared.text_root)
+        text = TextEncoder(text_spec, text_root)
+    src = project.calibration if which == "calibration" else project.evaluation
+    n = (src.samples or profile.quantization.samples) if which == "calibration" else src.samples
+    pre = project.preprocess.model_dump() if project.preprocess else None
+    return load_samples(src.source, project.root, project.input_specs(), pre, n, src.seed, project.label_names(),
+                        which, text, src.text_column, src.label_column)
+
+
+def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -> None:
+    project = shared.project
     with _Stage(progress, "calibration data") as st:
-        cal = project.calibration
-        shared.calibration = load_samples(cal.source, project.root, specs, pre,
-                                          cal.samples or profile.quantization.samples, cal.seed, labels, "calibration",
-                                          text, cal.text_column, cal.label_column)
+        shared.calibration = read_data(project, profile, shared.text, shared.text_root, "calibration")
         st.detail = f"{len(shared.calibration)} samples"
     with _Stage(progress, "evaluation data") as st:
         ev = project.evaluation
@@ -219,8 +224,7 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
             shared.metric = "fidelity"
             st.detail = "no evaluation block: fidelity on the calibration samples"
         else:
-            shared.evaluation = load_samples(ev.source, project.root, specs, pre, ev.samples, ev.seed, labels,
-                                             "evaluation", text, ev.text_column, ev.label_column)
+            shared.evaluation = read_data(project, profile, shared.text, shared.text_root, "evaluation")
             has_labels = shared.evaluation.labels is not None
             names = [ev.metric] if isinstance(ev.metric, str) else [m.metric for m in ev.metric or []]
             if "top1" in names and not has_labels:
@@ -231,7 +235,7 @@ def _prepare_data(shared: _Shared, profile: TargetProfile, progress: Progress) -
             else:
                 shared.metric = ev.metric or ("top1" if has_labels else "fidelity")
             st.detail = f"{len(shared.evaluation)} samples, metric {shared.metric}"
-    _check_data(shared, labels, progress)
+    _check_data(shared, project.label_names(), progress)
     shared.stages.append(StageRecord("data", {"calibration": shared.calibration.describe(),
                                               "evaluation": shared.evaluation.describe()}, None, None, 0.0))
 

@@ -258,3 +258,33 @@ def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_proje
     assert all(o.bundle is None and "needs backend 'qnn'" in o.error and o.error_type == "ConfigError"
                for o in outcomes)
 
+
+
+def test_compare_twice_on_an_onnx_project_without_inputs(tmp_path):
+    """The second compare reads the data the way the build did (inputs from the ONNX file): it reuses
+    the bundle and gives the same rows, where it used to fail with "key 'inputs' is required"."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.compare import compare
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["scores"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                          [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    (tmp_path / "data").mkdir()
+    for name, n in (("calib", 100), ("eval", 50)):
+        np.savez(tmp_path / "data" / f"{name}.npz", x=rng.normal(size=(n, 4)).astype(np.float32))
+    (tmp_path / "edgepack.yaml").write_text("name: cmp\nversion: 0.1.0\nmodel: {path: m.onnx}\n"
+                                            "calibration: {source: data/calib.npz}\n"
+                                            "evaluation: {source: data/eval.npz}\n")
+    events: list[tuple[str, str, str]] = []
+    first = compare(tmp_path, ["onnx"], tmp_path / "out", workers=1)
+    second = compare(tmp_path, ["onnx"], tmp_path / "out", workers=1,
+                     progress=lambda *e: events.append(e))
+    assert any(status == "done" and "reused" in detail for _, status, detail in events), events
+    rows = [[(r["target"], r["status"], r["accuracy"]) for r in c.to_json()["rows"]] for c in (first, second)]
+    assert rows[0] == rows[1]

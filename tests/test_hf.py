@@ -245,3 +245,19 @@ def test_texts_with_unicode_line_breaks_validate(bert_root, tmp_path):
     report = validate(result.bundle, report=tmp_path / "report.json", runs=5)
     assert report["passed"] and report["holdout"]["samples"] == len(body)
     assert report["holdout"]["value"] == pytest.approx(result.manifest.measurements.compiled.accuracy["value"], abs=0.5)
+
+
+def test_compare_twice_on_a_text_project(bert_root, tmp_path):
+    """CSV text data and the folder's tokenizer are read as the build reads them: the second run reuses."""
+    import shutil
+
+    from edgepack.compare import compare
+
+    root = tmp_path / "proj"
+    shutil.copytree(bert_root, root)
+    first = compare(root, ["onnx"], tmp_path / "out", workers=1)
+    events: list[tuple] = []
+    second = compare(root, ["onnx"], tmp_path / "out", workers=1, progress=lambda *e: events.append(e))
+    assert any(status == "done" and "reused" in detail for _, status, detail in events), events
+    rows = [[(r["target"], r["status"], r["accuracy"]) for r in c.to_json()["rows"]] for c in (first, second)]
+    assert rows[0] == rows[1]
