@@ -139,6 +139,10 @@ def _row(plan: Plan, counts: GraphCounts | None, cals: dict[str, tuple[Calibrati
         row.peak_memory_mb = (Cell(pm["peak_mb"], f"measured ({where})" if on_device else f"measured on the host, "
                                    f"not the device ({got.proxy or got.runtime})")
                               if pm.get("measured") else Cell(None, "n/a", pm.get("reason")))
+        if mm.comparison.get("noisy"):  # the build's in-turn timing never settled: say so beside its figures
+            row.details["noisy"] = mm.comparison["in_turn"]["noise"]
+            row.reason = ("latency measured on a noisy host (ratios between models timed in turn spread by "
+                          f"{mm.comparison['in_turn']['noise']['checks'][-1]['worst']:.0%}): treat as approximate")
         if on_device:
             row.status = "measured"
             _latency_cells(row, got.latency["p50_ms"], got.latency["p90_ms"], f"measured ({where})", batch)
@@ -151,9 +155,10 @@ def _row(plan: Plan, counts: GraphCounts | None, cals: dict[str, tuple[Calibrati
         row.details["host_latency"] = {"p50_ms": got.latency["p50_ms"], "p90_ms": got.latency["p90_ms"],
                                        "runtime": got.proxy or got.runtime, "where": where,
                                        "note": "the host's figure, not the device's"}
-        row.reason = (f"accuracy from the {got.proxy}; its latency is not the device's: latency is an estimate"
-                      if got.proxy else f"this host is not the device ({dev.name}): latency is an estimate; "
-                                        "accuracy and size were measured with the target's runtime on this host")
+        row.reason = ((f"accuracy from the {got.proxy}; its latency is not the device's: latency is an estimate"
+                       if got.proxy else f"this host is not the device ({dev.name}): latency is an estimate; "
+                                         "accuracy and size were measured with the target's runtime on this host")
+                      + (f"; {row.reason}" if row.reason else ""))
     else:
         row.status = "failed" if plan.buildable else "estimate only"
         row.reason = (f"build failed: {plan.error}" if plan.buildable else plan.reason) or "not built"

@@ -160,7 +160,18 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
                               "build_samples": built.accuracy.get("samples") if built.accuracy else None,
                               "build_note": "the build scored its whole evaluation set; the holdout is the subset "
                                             "shipped in the bundle"} if holdout else None,
-        "latency": latency | {"build_p50_ms": built.latency["p50_ms"]},
+        "latency": latency | {"build_p50_ms": built.latency["p50_ms"],
+                              "ratio_to_build": round(latency["p50_ms"] / built.latency["p50_ms"], 3)
+                              if built.latency.get("p50_ms") else None,
+                              "ratio_note": "this machine's p50 over the manifest's (same model, same threads and "
+                                            "batch; > 1 means slower here)"},
+        "fp32_comparison": {"measured_here": False,
+                            "why": "the FP32 model is not shipped in the bundle, so it cannot be timed on this machine",
+                            "build_speedup_p50": m.measurements.comparison.get("speedup_p50"),
+                            "build_noisy": m.measurements.comparison.get("noisy"),
+                            "build_where": built.latency.get("where", {}).get("cpu"),
+                            "note": "the compiled model's speed-up over FP32 as the build timed them in turn on its "
+                                    "host"},
         "passed": golden["passed"] and (holdout or {}).get("tokenizer_check", {}).get("passed", True),
         "build_acceptance": {"passed": m.acceptance.passed, "reasons": list(m.acceptance.reasons)},
         "runtime_notes": list(getattr(runner, "notes", [])),

@@ -71,7 +71,9 @@ def test_host_rows_are_measured_and_reused_with_the_estimate_error(compared):
     _, _, c, _ = compared
     for name in ("cpu", "onnx"):
         r = rows(c)[name]
-        assert r.reused and r.status == "measured" and r.reason is None
+        assert r.reused and r.status == "measured"
+        # the only reason a measured row may carry: its build timed on a noisy host, said beside the figures
+        assert r.reason is None or ("noisy host" in r.reason and "noisy" in r.details), r.reason
         assert r.p50_ms.source.startswith("measured (host: ") and r.p50_ms.value > 0
         assert r.accuracy.source.startswith("measured (host: ") and r.accuracy.value > 90
         assert r.estimate["kind"] == "estimate" and r.estimate["p50_ms"] > 0

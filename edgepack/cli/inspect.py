@@ -61,6 +61,14 @@ def inspect(
     speed = f"{c['speedup_p50']:.2f}x" if "speedup_p50" in c else c.get("speedup", "n/a")
     out.print(f"accuracy delta {fmt(c.get('accuracy_delta_points'), 2)} points, speed-up p50 {escape(str(speed))}, "
               f"size ratio {c['size_ratio']:.1%}")
+    it = c.get("in_turn")
+    if it:
+        n = it["noise"]
+        out.print(f"speed-ups timed in turn in one window: p50 {escape(', '.join(f'{k} {v:.4f} ms' for k, v in it['p50_ms'].items()))}"
+                  f" ({n['tries']} window(s), round-to-round spread {n['checks'][-1]['worst']:.1%}, limit {n['limit']:.0%})")
+        if n["noisy"]:
+            out.print(f"[yellow]noisy: the ratios never settled (host load {n['checks'][-1]['load_per_cpu_after']} per "
+                      "CPU); treat the speed-ups as approximate[/]")
     if meas["compiled"].get("proxy"):
         out.print(f"[yellow]compiled model measured on a {escape(meas['compiled']['proxy'])}[/]")
     for k, v in meas["device"].items():

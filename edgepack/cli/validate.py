@@ -45,7 +45,12 @@ def validate(
             at_build += f" on all {h['build_samples']} evaluation samples"
         out.print(f"  holdout        top1 {h['value']:.2f}% on {h['samples']} samples (at build: {at_build})")
     out.print(f"  latency        p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
-              f"({lat['how']['threads']} threads; at build p50 {lat['build_p50_ms']:.3f} ms)")
+              f"({lat['how']['threads']} threads; at build p50 {lat['build_p50_ms']:.3f} ms"
+              + (f", {lat['ratio_to_build']:.2f}x the build's figure" if lat.get("ratio_to_build") else "") + ")")
+    fp = result.get("fp32_comparison") or {}
+    if fp.get("build_speedup_p50") is not None:
+        out.print(f"  vs fp32        {fp['build_speedup_p50']:.2f}x at build (host {escape(str(fp['build_where']))}, timed in "
+                  f"turn{', noisy' if fp.get('build_noisy') else ''}); not measured here: the bundle has no FP32 model")
     out.print(f"  report         {escape(result['report'])}")
     acc = result["build_acceptance"]
     if not acc["passed"]:

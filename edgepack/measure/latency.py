@@ -6,7 +6,13 @@ import time
 
 import numpy as np
 
-from edgepack.measure.host import host_info
+from edgepack.measure.host import LoadWatch, host_info
+
+# A measurement is noisy when the per-round ratio between models timed in turn (or, for one model, the
+# median of each block of calls) spreads by more than this (interquartile range over median).
+RATIO_SPREAD_LIMIT = 0.10
+BLOCK_SPREAD_LIMIT = 0.25
+NOISE_TRIES = 3
 
 
 def _call_of(runner, sample: dict[str, np.ndarray]):
@@ -22,6 +28,18 @@ def _call_of(runner, sample: dict[str, np.ndarray]):
 def _how(warmup: int, done: int, runs: int, max_seconds: float, threads: int, batch: int, timed: str) -> dict:
     return {"warmup_runs": warmup, "runs": done, "runs_requested": runs, "max_seconds": max_seconds,
             "threads": threads, "batch": batch, "clock": "time.perf_counter, wall clock per run", "timed": timed}
+
+
+def _spread(values: list[float]) -> float:
+    """Interquartile range over median: how much a series of block medians (or ratios) moves."""
+    if len(values) < 4:
+        return 0.0
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return float((q75 - q25) / q50) if q50 > 0 else 0.0
+
+
+def _blocks(times: list[float], size: int = 20) -> list[float]:
+    return [float(np.median(times[i:i + size])) for i in range(0, len(times) - size + 1, size)]
 
 
 def _stats(times: list[float], batch: int, how: dict) -> dict:
@@ -41,6 +59,7 @@ def _stats(times: list[float], batch: int, how: dict) -> dict:
 def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: int, max_seconds: float,
                     threads: int) -> dict:
     feeds, call, timed = _call_of(runner, sample)
+    watch = LoadWatch()
     for _ in range(warmup):
         call(feeds)
     times = []
@@ -51,8 +70,18 @@ def measure_latency(runner, sample: dict[str, np.ndarray], warmup: int, runs: in
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > deadline and len(times) >= 10:
             break
-    batch = int(next(iter(sample.values())).shape[0])
-    return _stats(times, batch, _how(warmup, len(times), runs, max_seconds, threads, batch, timed))
+    batch = _batch(sample)
+    stats = _stats(times, batch, _how(warmup, len(times), runs, max_seconds, threads, batch, timed))
+    spread = _spread(_blocks(times))
+    stats["noise"] = {**watch.result(), "block_median_spread": round(spread, 4), "limit": BLOCK_SPREAD_LIMIT,
+                      "noisy": spread > BLOCK_SPREAD_LIMIT,
+                      "how": "medians of blocks of 20 consecutive calls: interquartile range over median"}
+    return stats
+
+
+def _batch(sample: dict[str, np.ndarray]) -> int:
+    first = np.asarray(next(iter(sample.values())))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
@@ -66,25 +95,75 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
         for feeds, call, _ in calls.values():
             call(feeds)
     times: dict[str, list[float]] = {name: [] for name in calls}
+    rounds: dict[str, list[float]] = {name: [] for name in calls}  # each round's block median
     deadline = time.perf_counter() + max_seconds
     rnd = 0
     while min(len(t) for t in times.values()) < runs:
         order = list(calls.items()) if rnd % 2 == 0 else list(calls.items())[::-1]  # neither always goes first
         for name, (feeds, call, _) in order:
             call(feeds)
+            start = len(times[name])
             for _ in range(min(block, runs - len(times[name]))):
                 t0 = time.perf_counter()
                 call(feeds)
                 times[name].append((time.perf_counter() - t0) * 1e3)
+            if len(times[name]) > start:
+                rounds[name].append(float(np.median(times[name][start:])))
         rnd += 1
         if time.perf_counter() > deadline and min(len(t) for t in times.values()) >= 10:
             break
-    batch = int(next(iter(sample.values())).shape[0])
+    batch = _batch(sample)
     return {name: _stats(times[name], batch, {
         **_how(warmup, len(times[name]), runs, max_seconds, threads, batch, calls[name][2]),
         "interleaved": f"in turn with {', '.join(n for n in calls if n != name)}: {rnd} rounds of up to {block} "
                        "calls each (after one untimed call), the order alternating"})
-        for name in calls}
+        | {"round_medians_ms": [round(v, 5) for v in rounds[name]]} for name in calls}
+
+
+BLOCK_MS = 25.0  # a block of calls long enough that timer and scheduler jitter average out
+
+
+def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> int:
+    """Calls per block: about BLOCK_MS of the slowest model's calls, between 20 and 10000."""
+    slowest = 0.0
+    for r in runners.values():
+        feeds, call, _ = _call_of(r, sample)
+        call(feeds)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            call(feeds)
+        slowest = max(slowest, (time.perf_counter() - t0) * 1e3 / 5)
+    return int(min(10000, max(20, np.ceil(BLOCK_MS / max(slowest, 1e-4)))))
+
+
+def measure_in_turn(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
+                    max_seconds: float, threads: int, tries: int = NOISE_TRIES) -> tuple[dict[str, dict], dict]:
+    """Models timed in turn (:func:`measure_interleaved`) with a noise check: the ratio of each model
+    to the first is taken round by round; when those ratios spread by more than RATIO_SPREAD_LIMIT
+    the measurement is repeated, up to ``tries`` times, and the last one is flagged noisy if it never
+    settles. Returns (stats per model, the noise record)."""
+    base = next(iter(runners))
+    block = _block_for(runners, sample)
+    runs = max(runs, 12 * block)  # a dozen rounds at least: the spread of their ratios needs them
+    checks = []
+    for attempt in range(1, tries + 1):
+        watch = LoadWatch()
+        res = measure_interleaved(runners, sample, warmup, runs, max_seconds, threads, block)
+        spreads = {}
+        for name in runners:
+            if name == base:
+                continue
+            pairs = zip(res[name]["round_medians_ms"], res[base]["round_medians_ms"])
+            spreads[name] = round(_spread([a / b for a, b in pairs if b > 0]), 4)
+        worst = max(spreads.values(), default=0.0)
+        checks.append({"attempt": attempt, **watch.result(), "ratio_spread": spreads, "worst": worst})
+        if worst <= RATIO_SPREAD_LIMIT:
+            break
+    noise = {"noisy": worst > RATIO_SPREAD_LIMIT, "limit": RATIO_SPREAD_LIMIT, "tries": len(checks),
+             "checks": checks,
+             "how": f"per round, each model's block median over {base}'s; the spread is their interquartile "
+                    "range over their median; re-measured while above the limit"}
+    return res, noise
 
 
 def resize_along(sample: dict[str, np.ndarray], shapes: dict[str, tuple], dim: str, size: int) -> dict[str, np.ndarray]:
