@@ -36,31 +36,44 @@ def host_info() -> dict[str, object]:
     }
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(total, steal) jiffies of all CPUs from /proc/stat, or None where there is none."""
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(total, busy, steal) jiffies of all CPUs from /proc/stat, or None where there is none."""
     try:
         with open("/proc/stat") as f:
             parts = f.readline().split()
     except OSError:
         return None
     values = [int(v) for v in parts[1:]]
-    return sum(values), values[7] if len(values) > 7 else 0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values), sum(values) - idle, values[7] if len(values) > 7 else 0
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 class LoadWatch:
-    """The host's load around a measurement: 1-minute load average per logical CPU before and after,
-    and the share of CPU time the hypervisor stole in between (a VM's noisy neighbours)."""
+    """The host's load around a measurement: the share of all CPUs that other processes kept busy
+    during it (measured, not averaged: /proc/stat minus this process's own CPU time), the CPU time
+    the hypervisor stole, and the 1-minute load average per CPU before and after."""
 
     def __init__(self) -> None:
         self.load_before = _load()
         self.times_before = _cpu_times()
+        self.own_before = _own_cpu_s()
 
     def result(self) -> dict[str, object]:
-        after = _cpu_times()
-        steal = None
+        after, own = _cpu_times(), _own_cpu_s()
+        steal = others = None
         if self.times_before and after and after[0] > self.times_before[0]:
-            steal = round(100.0 * (after[1] - self.times_before[1]) / (after[0] - self.times_before[0]), 2)
-        return {"load_per_cpu_before": self.load_before, "load_per_cpu_after": _load(), "cpu_steal_pct": steal}
+            total = after[0] - self.times_before[0]
+            steal = round(100.0 * (after[2] - self.times_before[2]) / total, 2)
+            own_jiffies = (own - self.own_before) * os.sysconf("SC_CLK_TCK")
+            busy = after[1] - self.times_before[1]
+            others = round(max(0.0, busy - own_jiffies) / total, 3)
+        return {"load_per_cpu_before": self.load_before, "load_per_cpu_after": _load(), "cpu_steal_pct": steal,
+                "others_cpu_share": others}
 
 
 def _load() -> float | None:
