@@ -687,6 +687,7 @@ def _tuning_record(result: Any, ref_acc: dict, settings: dict[str, Any]) -> dict
         "failed_steps": list(result.failed),
         "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity if e == e],
         "ranking": {"ranked": sum(1 for _, e in result.sensitivity if e == e), "layers": len(result.sensitivity),
+                    "seconds": result.ranking_seconds,
                     "note": "the ranking stops at half the time left; layers not ranked are kept in float last"},
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
                            "error of the model output vs FP32 on calibration samples",

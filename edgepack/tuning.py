@@ -57,6 +57,7 @@ class TuningResult:
     sensitivity: list[tuple[str, float]] = field(default_factory=list)
     stopped: str = ""
     failed: list[dict[str, str]] = field(default_factory=list)
+    ranking_seconds: float | None = None
 
 
 def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int = SENSITIVITY_SAMPLES,
@@ -117,12 +118,13 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
         return ""
 
     failed: list[dict[str, str]] = []
+    ranking_seconds: float | None = None
 
     def finish(stopped: str, sens=()) -> TuningResult:
         meeting = [t for t in trials if t.meets_budget]
         best = min(meeting, key=lambda t: (len(t.kept), -goodness(t.accuracy))) if meeting else \
             max(trials, key=lambda t: goodness(t.accuracy))
-        return TuningResult(best, trials, list(sens), stopped, failed)
+        return TuningResult(best, trials, list(sens), stopped, failed, ranking_seconds)
 
     if plain.meets_budget:
         return finish("plain INT8 met the budget")
@@ -148,7 +150,9 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
         return finish(stop)
     progress("ranking layer sensitivity")
     # the ranking may use half of the time left; the layers it has not reached come last
+    t_rank = time.monotonic()
     sens = rank(time.monotonic() + (deadline - time.monotonic()) / 2)
+    ranking_seconds = round(time.monotonic() - t_rank, 2)
     unranked = sum(1 for _, e in sens if e != e)
     if unranked:
         progress(f"ranking stopped at half the time left: {len(sens) - unranked} of {len(sens)} layers ranked")
