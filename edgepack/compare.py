@@ -227,7 +227,7 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
     ``(phase or target, status, detail)``; ``on_build_event`` gets the workers' pipeline stages.
     """
     from edgepack.parallel import default_workers, run_builds
-    from edgepack.pipeline import _check_out_dir, _source_of
+    from edgepack.pipeline import check_out_dir, source_of
 
     progress = progress or _quiet
     project_file = find_project(project_path)
@@ -243,15 +243,16 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
 
         raise ConfigError(f"unknown calibration suite '{suite}'", hint=did_you_mean(suite, SUITES))
     plans = plan_targets(targets, targets_dirs)
-    out = _check_out_dir(Path(out) if out else project.root / "dist")
+    out = check_out_dir(Path(out) if out else project.root / "dist")
     work = out / WORK
-    source = _source_of(project, project_file)
+    source = source_of(project, project_file)
     fps: dict[int, dict[str, str]] = {}
     from edgepack.loaders.resolve import resolve
     from edgepack.scratch import locked_dir
 
+    # the project resolved as the build resolves it, its files kept for the whole comparison
     with locked_dir(out, ".edgepack-", ".build") as scratch:
-        resolved = None
+        resolved = resolve(project, scratch / "source")
         for plan in plans:
             if not plan.buildable:
                 continue
@@ -259,28 +260,27 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
             manifest = read_manifest(plan.bundle) if plan.bundle.is_file() else None
             if manifest is None:
                 continue
-            resolved = resolved or resolve(project, scratch / "source")
             why = reusable(manifest, source, plan.profile, _fingerprints(resolved, plan.profile, fps))
             _reuse_or_not(plan, manifest, why, progress)
-    to_build = [p for p in plans if p.buildable and not p.reused]
-    if to_build:
-        n = workers or default_workers(len(to_build))
-        progress("build", "start", f"{len(to_build)} target(s) in {n} process(es)")
-        outcomes = run_builds(project_file, [p.spec for p in to_build], out, list(targets_dirs or []), n,
-                              on_build_event)
-        by_name = {o.target: o for o in outcomes}
-        for plan in to_build:
-            o = by_name.get(plan.profile.name) or by_name.get(plan.spec)
-            if o is None or o.bundle is None:
-                plan.error = (o.error if o else "no result from the build process") or "build failed"
-                progress(plan.profile.name, "failed", plan.error)
-                continue
-            plan.bundle, plan.manifest = o.bundle, read_manifest(o.bundle)
-            progress(plan.profile.name, "done", f"built {o.bundle.name}")
-        progress("build", "done", "")
-    from edgepack.compare_rows import assemble
+        to_build = [p for p in plans if p.buildable and not p.reused]
+        if to_build:
+            n = workers or default_workers(len(to_build))
+            progress("build", "start", f"{len(to_build)} target(s) in {n} process(es)")
+            outcomes = run_builds(project_file, [p.spec for p in to_build], out, list(targets_dirs or []), n,
+                                  on_build_event)
+            by_name = {o.target: o for o in outcomes}
+            for plan in to_build:
+                o = by_name.get(plan.profile.name) or by_name.get(plan.spec)
+                if o is None or o.bundle is None:
+                    plan.error = (o.error if o else "no result from the build process") or "build failed"
+                    progress(plan.profile.name, "failed", plan.error)
+                    continue
+                plan.bundle, plan.manifest = o.bundle, read_manifest(o.bundle)
+                progress(plan.profile.name, "done", f"built {o.bundle.name}")
+            progress("build", "done", "")
+        from edgepack.compare_rows import assemble
 
-    return assemble(project, plans, out, work, suite, budget or Budget(), progress)
+        return assemble(resolved, plans, out, work, suite, budget or Budget(), progress)
 
 
 def bytes_mb(elements: int, precision: str) -> float:

@@ -7,22 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.compare import NA, Budget, Cell, Comparison, CompareProgress, Plan, Row, bytes_mb, estimate_for
-from edgepack.errors import EdgepackError
+from edgepack.errors import ToolchainError, EdgepackError
 from edgepack.measure.estimate import UNCALIBRATED, Calibration, GraphCounts, count_graph, error_pct
 from edgepack.measure.host import host_info
-from edgepack.project import Project
 from edgepack.target import load_target
 
 
-def fp32_counts(project: Project, work: Path, batch: int, progress: CompareProgress) -> GraphCounts:
-    """MACs and bytes per layer of the project's FP32 ONNX export (made once, kept by content digest)."""
-    from edgepack.pipeline import _source_of
+def fp32_counts(resolved: Any, work: Path, batch: int, progress: CompareProgress) -> GraphCounts:
+    """MACs and bytes per layer of the project's FP32 ONNX export (made once, kept by content digest).
+    ``resolved`` is the project as the build resolves it (edgepack.loaders.resolve), so Hugging Face
+    folders are loaded and exported as the build does it, at the representative size of their dims."""
+    from edgepack.loaders.resolve import representative_dims
+    from edgepack.pipeline import source_of
 
+    project = resolved.project
+    dims = representative_dims(project)
     if project.model.kind == "onnx":
-        return count_graph(project.resolve(project.model.path), batch)
-    src = _source_of(project)
+        return count_graph(project.resolve(project.model.path), batch, dims)
+    src = source_of(project)
     key = hashlib.sha256(f"{src.digest}|{src.weights_digest}|{[s.to_json() for s in project.input_specs()]}|"
-                         f"{project.outputs}".encode()).hexdigest()[:16]
+                         f"{project.outputs}|{dims}".encode()).hexdigest()[:16]
     folder = work / f"export-{key}"
     path = folder / "model.onnx"
     if not path.is_file():
@@ -30,11 +34,17 @@ def fp32_counts(project: Project, work: Path, batch: int, progress: CompareProgr
         from edgepack.stages.export_onnx import export
 
         progress("export", "start", "FP32 ONNX export for graph counts")
-        module = load_module(project)
-        n_out = check_forward(module, project.input_specs())
-        names = project.outputs or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        if project.model.kind == "hf":
+            from edgepack.loaders import hf
+
+            module = hf.load_module(project, resolved.hf)
+        else:
+            module = load_module(project)
+        n_out = check_forward(module, project.input_specs(), dims)
+        default = [resolved.hf.output] if resolved.hf is not None else ["output"]
+        names = project.outputs or (default if n_out == 1 else [f"output_{i}" for i in range(n_out)])
         tmp = work / f".export-{key}.partial"
-        art = export(module, project.input_specs(), names, tmp, None, src.digest)
+        art = export(module, project.input_specs(), names, tmp, None, src.digest, dims=project.dims)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
             import shutil
@@ -42,7 +52,11 @@ def fp32_counts(project: Project, work: Path, batch: int, progress: CompareProgr
             shutil.rmtree(folder)
         art.path.parent.rename(folder)
         progress("export", "done", str(path))
-    return count_graph(path, batch)
+    counts = count_graph(path, batch, dims)
+    if counts.macs == 0 and counts.params > 0:  # shapes could not be inferred through the graph: no estimate
+        raise ToolchainError("ONNX shape inference did not reach the weighted layers of the exported graph "
+                             "(0 MACs counted), so latency cannot be estimated")
+    return counts
 
 
 def _calibrations(plans: list[Plan], work: Path, suite: str, progress: CompareProgress
@@ -206,12 +220,13 @@ def apply_budget(rows: list[Row], budget: Budget) -> tuple[dict[str, Any] | None
     return summary, cheapest
 
 
-def assemble(project: Project, plans: list[Plan], out: Path, work: Path, suite: str, budget: Budget,
+def assemble(resolved: Any, plans: list[Plan], out: Path, work: Path, suite: str, budget: Budget,
              progress: CompareProgress) -> Comparison:
+    project = resolved.project
     notes: list[str] = []
     batch = max((p.profile.measurement.batch for p in plans), default=1)
     try:
-        counts: GraphCounts | None = fp32_counts(project, work, batch, progress)
+        counts: GraphCounts | None = fp32_counts(resolved, work, batch, progress)
     except EdgepackError as e:
         counts = None
         notes.append(f"no estimates: counting the FP32 ONNX graph failed: {e.message}")

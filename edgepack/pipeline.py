@@ -94,7 +94,7 @@ class _Stage:
             self.progress(self.name, "failed", self.seconds, "")
 
 
-def _check_out_dir(out: Path) -> Path:
+def check_out_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -105,7 +105,7 @@ def _check_out_dir(out: Path) -> Path:
     return out
 
 
-def _source_of(project: Project, project_file: Path | None = None) -> Source:
+def source_of(project: Project, project_file: Path | None = None) -> Source:
     src = project.model
     path = project.resolve(src.path.split(":")[0] if src.kind == "callable" else src.location)
     if path.is_dir():  # a Hugging Face folder: config, weights, tokenizer files
@@ -156,7 +156,7 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
         options = backend.options(prof.backend_options, f"{prof.source}: backend_options")
         backend.check_environment(compile=True)
         plans.append((prof, backend, options))
-    out = _check_out_dir(Path(out) if out else project.root / "dist")
+    out = check_out_dir(Path(out) if out else project.root / "dist")
     if project.model.kind == "onnx" and any(b.consumes == ModelFormat.TORCH for _, b, _ in plans):
         from edgepack.toolchains import require
 
@@ -173,7 +173,7 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
             from edgepack.loaders.resolve import resolve
 
             resolved = resolve(project, scratch / "source")
-            shared = _Shared(resolved.project, _source_of(project, find_project(project_path)), toolchain=_versions(),
+            shared = _Shared(resolved.project, source_of(project, find_project(project_path)), toolchain=_versions(),
                              tuning={"enabled": tune, "max_minutes": max_tuning_minutes, "max_steps": max_tuning_steps},
                              text=resolved.text, text_root=resolved.text_root, hf=resolved.hf,
                              prune_flags={k: v for k, v in (prune or {}).items() if v is not None})
