@@ -58,11 +58,11 @@ def cli(*args, env: dict | None = None) -> Outcome:
     return Outcome(res.exit_code, res.output, raw or "Traceback" in res.output)
 
 
-def cli_process(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> Outcome:
+def cli_process(*args, env: dict | None = None, cwd: Path | None = None) -> Outcome:
     """Run edgepack as its own process (signals, crashes, read-only mounts)."""
     full = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
     p = subprocess.run([sys.executable, "-m", "edgepack.cli.main", *map(str, args)], capture_output=True,
-                       text=True, env=full, cwd=cwd, timeout=timeout)
+                       text=True, env=full, cwd=cwd)
     out = p.stdout + p.stderr
     return Outcome(p.returncode, out, "Traceback" in out)
 
