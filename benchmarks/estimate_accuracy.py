@@ -80,7 +80,8 @@ def same_session(runs: list[dict], work: Path, suite: str) -> list[dict]:
 
     from edgepack.backends import get_backend
     from edgepack.bundle import open_bundle
-    from edgepack.compare_rows import fp32_counts
+    from edgepack.compare.rows import fp32_counts
+    from edgepack.loaders.resolve import Resolved
     from edgepack.measure.calibrate import ROUNDS, host_peaks, load_suite, time_rounds
     from edgepack.measure.estimate import fit, roofline_ms
     from edgepack.project import load_project
@@ -106,7 +107,7 @@ def same_session(runs: list[dict], work: Path, suite: str) -> list[dict]:
                 rng = np.random.default_rng(0)
                 sample = {s.name: rng.standard_normal(s.concrete_shape(1)).astype(np.float32)
                           for s in project.input_specs()}
-                counts = fp32_counts(project, r["comparison"].out / ".edgepack-compare", 1, lambda *a: None)
+                counts = fp32_counts(Resolved(project), r["comparison"].out / ".edgepack-compare", 1, lambda *a: None)
                 user.append((r["label"], runner, sample, roofline_ms(counts, peaks)["roofline_ms"]))
             print(f"[same session] {target}: {ROUNDS} interleaved timing rounds", file=sys.stderr, flush=True)
             p50s = time_rounds([(n, x, s) for n, x, s, _ in suite_runners + user], threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgepack.pipeline import BuildResult, build, raise_for_acceptance
+from edgepack.build import BuildResult, build, raise_for_acceptance
 from edgepack.validation import validate
 
 

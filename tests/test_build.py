@@ -193,7 +193,7 @@ def test_a_toolchain_failure_without_a_log_keeps_its_full_message(tmp_path):
     """OpenVINO and NNCF raise exceptions instead of writing logs: the whole text and traceback are
     kept next to the output, and the error line is its first line."""
     from edgepack.errors import ToolchainError
-    from edgepack.pipeline import _keep_logs
+    from edgepack.build.pipeline import keep_logs
 
     (tmp_path / "work").mkdir()
     try:
@@ -202,7 +202,7 @@ def test_a_toolchain_failure_without_a_log_keeps_its_full_message(tmp_path):
         except RuntimeError as cause:
             raise ToolchainError("OpenVINO could not convert model.onnx: Check 'x' failed\nframe 1") from cause
     except ToolchainError as e:
-        kept = _keep_logs(e, tmp_path / "work", tmp_path, "m-1.0-cpu.edgepack")
+        kept = keep_logs(e, tmp_path / "work", tmp_path, "m-1.0-cpu.edgepack")
     log = (tmp_path / "m-1.0-cpu.edgepack.log").read_text()
     assert "convert.cpp:42" in log and "frame 2" in log and "Traceback" in log
     assert kept.message == "OpenVINO could not convert model.onnx: Check 'x' failed"

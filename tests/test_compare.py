@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from edgepack.api import Budget, compare
 from edgepack.cli.app import app
 from edgepack.compare import Cell, Row, reusable
-from edgepack.compare_rows import apply_budget
+from edgepack.compare.rows import apply_budget
 
 CHROMIUM = Path("/usr/bin/chromium")
 TARGETS = ["cpu", "onnx", "jetson-orin-nano", "android-arm64", "future-npu", "broken-jetson"]
@@ -170,7 +170,7 @@ def test_second_run_reuses_everything(compared, trained_project):
 
 
 def test_html_report_is_self_contained_and_renders(compared, tmp_path):
-    from edgepack.report import write_html
+    from edgepack.compare.html import write_html
 
     _, _, c, _ = compared
     written = write_html(c, tmp_path / "report.html")
@@ -244,7 +244,7 @@ def test_build_for_a_profile_without_its_backend_names_it(trained_project, tmp_p
 
 
 def test_parallel_builds_run_in_worker_processes_and_report_errors(trained_project, tmp_path):
-    from edgepack.parallel import default_workers, groups_of, run_builds
+    from edgepack.build.parallel import default_workers, groups_of, run_builds
 
     assert groups_of(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
     assert groups_of(["a"], 4) == [["a"]]

@@ -117,14 +117,14 @@ def compare(
         view.stop()
     written: dict[str, Path] = {}
     if html is not None:
-        from edgepack.report import write_html
+        from edgepack.compare.html import write_html
 
         written = write_html(result, html)
     if format == CompareFormat.json:
         print_json(result.to_json() | {"report": {k: str(v) for k, v in written.items()}})
         return
     if format == CompareFormat.markdown:
-        from edgepack.report import to_markdown
+        from edgepack.compare.report import to_markdown
 
         print(to_markdown(result), end="")
     else:
@@ -134,7 +134,7 @@ def compare(
 
 
 def _human(c: Comparison) -> None:
-    from edgepack.report import accuracy_text, budget_text, error_text, fmt_cell, short_source
+    from edgepack.compare.report import accuracy_text, budget_text, error_text, fmt_cell, short_source
 
     t = Table(title=f"edgepack compare: {c.project} {c.version}", show_lines=True)
     cols = ["target", "device", "runtime", "accuracy (Δ)", "p50 ms", "p90 ms", "per s", "size MB", "peak MB",
@@ -165,7 +165,7 @@ def _human(c: Comparison) -> None:
         out.print("estimate vs measured on this host: " + ", ".join(
             f"{r.target} {r.estimate['p50_ms']:.3f} vs {r.p50_ms.value:.3f} ms ({error_text(r)})" for r in measured))
     if c.budget:
-        from edgepack.report import budget_line
+        from edgepack.compare.report import budget_line
 
         out.print("budget: " + escape(budget_line(c)))
     for n in c.notes:

@@ -10,119 +10,24 @@ user's), so for every row measured here the estimate is shown beside the measure
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import Manifest, Source, bundle_name, read_archive
-from edgepack.errors import ConfigError, EdgepackError
-from edgepack.measure.estimate import BYTES_PER_ELEMENT, GraphCounts, device_peaks, error_pct, estimate
+from edgepack.build.data import read_data
+from edgepack.build.parallel import default_workers, run_builds
+from edgepack.build.pipeline import check_out_dir
+from edgepack.build.plan import plan_targets as plan_builds
+from edgepack.build.source import source_of
+from edgepack.bundle import Manifest, Source, bundle_name, open_bundle, read_archive
+from edgepack.compare.model import WORK, Budget, CompareProgress, Comparison, Plan, host_is_device_class, quiet
+from edgepack.compare.rows import assemble
+from edgepack.errors import ConfigError, EdgepackError, did_you_mean
+from edgepack.loaders.resolve import Resolved, resolve
+from edgepack.measure.calibrate import SUITES
 from edgepack.measure.host import host_info
 from edgepack.project import find_project, load_project
-from edgepack.target import TargetProfile, load_target
-
-WORK = ".edgepack-compare"
-# (phase or target, status, detail): status is start | done | failed | info
-CompareProgress = Callable[[str, str, str], None]
-
-
-def _quiet(phase: str, status: str, detail: str) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class Budget:
-    max_latency_ms: float | None = None     # against p50 (measured, or estimated: an estimate has no p90)
-    max_drop: float | None = None           # accuracy points lost vs FP32
-    max_size_mb: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.max_latency_ms, self.max_drop, self.max_size_mb))
-
-
-@dataclass(frozen=True)
-class Cell:
-    value: float | None
-    source: str                 # measured (host: CPU) | host proxy (...) | bundle | estimate | n/a
-    note: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"value": self.value, "source": self.source, "note": self.note}
-
-
-NA = Cell(None, "n/a")
-
-
-@dataclass
-class Plan:
-    spec: str
-    profile: TargetProfile
-    buildable: bool
-    reason: str | None = None
-    host_class: bool = False
-    bundle: Path | None = None
-    manifest: Manifest | None = None
-    reused: bool = False
-    error: str | None = None
-
-
-@dataclass
-class Row:
-    target: str
-    device: str
-    backend: str
-    precision: str
-    status: str                 # measured | estimated | estimate only | failed
-    reason: str | None
-    metric: str | None = None
-    accuracy: Cell = NA
-    fp32_accuracy: Cell = NA
-    accuracy_delta: Cell = NA
-    p50_ms: Cell = NA
-    p90_ms: Cell = NA
-    throughput_per_s: Cell = NA
-    size_mb: Cell = NA
-    peak_memory_mb: Cell = NA
-    estimate: dict[str, Any] | None = None
-    estimate_error_pct: float | None = None
-    bundle: str | None = None
-    reused: bool = False
-    price_usd: float | None = None
-    tdp_w: float | None = None
-    budget: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self.__dict__.items():
-            out[k] = v.to_json() if isinstance(v, Cell) else v
-        return out
-
-
-@dataclass
-class Comparison:
-    project: str
-    version: str
-    out: Path
-    host: dict[str, Any]
-    rows: list[Row]
-    model: dict[str, Any] | None
-    calibrations: list[dict[str, Any]]
-    budget: dict[str, Any] | None = None
-    cheapest: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"project": self.project, "version": self.version, "out": str(self.out), "host": self.host,
-                "model": self.model, "rows": [r.to_json() for r in self.rows], "calibrations": self.calibrations,
-                "budget": self.budget, "cheapest": self.cheapest, "notes": self.notes}
-
-
-def host_is_device_class(profile: TargetProfile) -> bool:
-    """True when this machine is an instance of the profile's device: an x86 CPU with every ISA flag it lists."""
-    dev = profile.device
-    return dev.kind == "cpu" and bool(dev.isa) and set(dev.isa) <= set(host_info()["isa"])
+from edgepack.scratch import locked_dir
+from edgepack.target import TargetProfile
 
 
 def read_manifest(bundle: Path) -> Manifest | None:
@@ -158,8 +63,6 @@ def reusable(manifest: Manifest, source: Source, profile: TargetProfile, fingerp
 
 def _intact(bundle: Path) -> bool:
     """Every file matches the manifest's sha256 and the build id (the content digest)."""
-    from edgepack.bundle import open_bundle
-
     try:
         with open_bundle(bundle, verify=True):
             return True
@@ -167,16 +70,14 @@ def _intact(bundle: Path) -> bool:
         return False
 
 
-def _fingerprints(resolved: Any, profile: TargetProfile, cache: dict[int, dict[str, str]]) -> dict[str, str]:
+def _fingerprints(resolved: Resolved, profile: TargetProfile, cache: dict[int, dict[str, str]]) -> dict[str, str]:
     """The data fingerprints a build of ``profile`` records, from the project resolved as the build
     resolves it (an ONNX file's inputs, a Hugging Face folder's tokenizer)."""
-    from edgepack.pipeline import read_data
-
     project = resolved.project
     n = project.calibration.samples or profile.quantization.samples
     if n not in cache:
         def read(which: str) -> str:
-            return read_data(project, profile, resolved.text, resolved.text_root, which).fingerprint
+            return read_data(resolved, profile, which).fingerprint
 
         fp = {"calibration": read("calibration")}
         fp["evaluation"] = read("evaluation") if project.evaluation else fp["calibration"]
@@ -193,27 +94,11 @@ def _reuse_or_not(plan: Plan, manifest: Manifest, why: str | None, progress: Com
 
 
 def plan_targets(targets: list[str], targets_dirs: list[Path] | None) -> list[Plan]:
-    """Resolve names (unknown names are a ConfigError) and say which can be built on this machine."""
-    from edgepack.backends import get_backend
-
-    plans: list[Plan] = []
-    seen: set[str] = set()
-    for spec in targets:
-        profile = load_target(spec, targets_dirs)
-        if profile.name in seen:
-            continue
-        seen.add(profile.name)
-        plan = Plan(spec, profile, buildable=True, host_class=host_is_device_class(profile))
-        try:
-            backend = get_backend(profile.backend, needed_by=f"target '{profile.name}'")
-            if profile.precision not in backend.precisions:
-                raise ConfigError(f"backend '{backend.name}' does not support precision '{profile.precision}'")
-            backend.options(profile.backend_options, f"{profile.source}: backend_options")
-            backend.check_environment(compile=True)
-        except EdgepackError as e:
-            plan.buildable, plan.reason = False, e.message
-        plans.append(plan)
-    return plans
+    """Resolve names (unknown names are a ConfigError) with the build's own plan step, and say which
+    can be built on this machine (the others are estimated)."""
+    return [Plan(tp.spec, tp.profile, buildable=tp.buildable, reason=tp.problem,
+                 host_class=host_is_device_class(tp.profile))
+            for tp in plan_builds(targets, targets_dirs, strict=False)]
 
 
 def compare(project_path: Path | None, targets: list[str], out: Path | None = None,
@@ -226,30 +111,20 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
     a script that calls this needs the usual ``if __name__ == "__main__":`` guard. ``progress`` gets
     ``(phase or target, status, detail)``; ``on_build_event`` gets the workers' pipeline stages.
     """
-    from edgepack.parallel import default_workers, run_builds
-    from edgepack.pipeline import check_out_dir, source_of
-
-    progress = progress or _quiet
+    progress = progress or quiet
     project_file = find_project(project_path)
     project = load_project(project_file)
     if not targets:
         raise ConfigError("no target given", hint="pass --targets cpu,onnx,... (see `edgepack targets list`)")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    from edgepack.measure.calibrate import SUITES
-
     if suite not in SUITES:
-        from edgepack.errors import did_you_mean
-
         raise ConfigError(f"unknown calibration suite '{suite}'", hint=did_you_mean(suite, SUITES))
     plans = plan_targets(targets, targets_dirs)
     out = check_out_dir(Path(out) if out else project.root / "dist")
     work = out / WORK
     source = source_of(project, project_file)
     fps: dict[int, dict[str, str]] = {}
-    from edgepack.loaders.resolve import resolve
-    from edgepack.scratch import locked_dir
-
     # the project resolved as the build resolves it, its files kept for the whole comparison
     with locked_dir(out, ".edgepack-", ".build") as scratch:
         resolved = resolve(project, scratch / "source")
@@ -278,25 +153,4 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
                 plan.bundle, plan.manifest = o.bundle, read_manifest(o.bundle)
                 progress(plan.profile.name, "done", f"built {o.bundle.name}")
             progress("build", "done", "")
-        from edgepack.compare_rows import assemble
-
         return assemble(resolved, plans, out, work, suite, budget or Budget(), progress)
-
-
-def bytes_mb(elements: int, precision: str) -> float:
-    return round(elements * BYTES_PER_ELEMENT[precision] / 1e6, 4)
-
-
-def estimate_for(counts: GraphCounts | None, profile: TargetProfile, calibration: Any,
-                 host_peaks: Any | None = None) -> tuple[dict[str, Any] | None, str | None]:
-    """The estimate for a profile (on the host's peaks when ``host_peaks`` is given), or why there is none."""
-    if counts is None:
-        return None, "no graph counts (the FP32 ONNX export failed)"
-    try:
-        peaks = host_peaks or device_peaks(profile.device, profile.precision)
-    except ConfigError as e:
-        return None, e.message
-    return estimate(counts, peaks, calibration), None
-
-
-__all__ = ["Budget", "Cell", "Comparison", "Row", "compare", "error_pct", "estimate_for", "host_is_device_class"]

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
-from edgepack.compare import NA, Budget, Cell, Comparison, CompareProgress, Plan, Row, bytes_mb, estimate_for
+from edgepack.backends import get_backend
+from edgepack.build.plan import backend_versions, toolchain_versions
+from edgepack.build.source import load_torch, source_of
+
+from edgepack.compare.model import NA, Budget, Cell, Comparison, CompareProgress, Plan, Row, bytes_mb, estimate_for
 from edgepack.errors import ToolchainError, EdgepackError
+from edgepack.loaders.resolve import Resolved, representative_dims
+from edgepack.measure.calibrate import calibrate_host, peaks_from
 from edgepack.measure.estimate import UNCALIBRATED, Calibration, GraphCounts, count_graph, error_pct
 from edgepack.measure.host import host_info
 from edgepack.target import load_target
 
 
-def fp32_counts(resolved: Any, work: Path, batch: int, progress: CompareProgress) -> GraphCounts:
+def fp32_counts(resolved: Resolved, work: Path, batch: int, progress: CompareProgress) -> GraphCounts:
     """MACs and bytes per layer of the project's FP32 ONNX export (made once, kept by content digest).
-    ``resolved`` is the project as the build resolves it (edgepack.loaders.resolve), so Hugging Face
-    folders are loaded and exported as the build does it, at the representative size of their dims."""
-    from edgepack.loaders.resolve import representative_dims
-    from edgepack.pipeline import source_of
-
+    ``resolved`` is the project as the build resolves it, and the model is loaded and exported by the
+    build's own steps (Hugging Face folders at the representative size of their dims)."""
     project = resolved.project
     dims = representative_dims(project)
     if project.model.kind == "onnx":
@@ -30,25 +34,14 @@ def fp32_counts(resolved: Any, work: Path, batch: int, progress: CompareProgress
     folder = work / f"export-{key}"
     path = folder / "model.onnx"
     if not path.is_file():
-        from edgepack.loaders.torch import check_forward, load_module
         from edgepack.stages.export_onnx import export
 
         progress("export", "start", "FP32 ONNX export for graph counts")
-        if project.model.kind == "hf":
-            from edgepack.loaders import hf
-
-            module = hf.load_module(project, resolved.hf)
-        else:
-            module = load_module(project)
-        n_out = check_forward(module, project.input_specs(), dims)
-        default = [resolved.hf.output] if resolved.hf is not None else ["output"]
-        names = project.outputs or (default if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        module, names = load_torch(resolved, lambda *_: None)
         tmp = work / f".export-{key}.partial"
         art = export(module, project.input_specs(), names, tmp, None, src.digest, dims=project.dims)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         art.path.parent.rename(folder)
         progress("export", "done", str(path))
@@ -62,10 +55,6 @@ def fp32_counts(resolved: Any, work: Path, batch: int, progress: CompareProgress
 def _calibrations(plans: list[Plan], work: Path, suite: str, progress: CompareProgress
                   ) -> tuple[dict[str, tuple[Calibration, dict[str, Any]]], list[str]]:
     """One calibration per host runtime measured in this run (or the `cpu`/`onnx` runtime when none was)."""
-    from edgepack.backends import get_backend
-    from edgepack.measure.calibrate import calibrate_host
-    from edgepack.pipeline import _versions
-
     notes: list[str] = []
     chosen: dict[str, Any] = {}
     for p in plans:
@@ -83,9 +72,9 @@ def _calibrations(plans: list[Plan], work: Path, suite: str, progress: ComparePr
                          f"'{name}' runtime on the reference models only")
             break
     found: dict[str, tuple[Calibration, dict[str, Any]]] = {}
-    versions = _versions()
     for backend_name, prof in chosen.items():
         backend = get_backend(backend_name)
+        versions = toolchain_versions([]) | backend_versions(backend)
         options = backend.options(prof.backend_options, f"{prof.source}: backend_options")
         phase = f"calibrate {backend_name}"
         progress(phase, "start", f"{prof.precision} on the reference models ({suite} suite)")
@@ -123,8 +112,6 @@ def _latency_cells(row: Row, p50: float, p90: float | None, source: str, batch: 
 
 def _row(plan: Plan, counts: GraphCounts | None, cals: dict[str, tuple[Calibration, dict[str, Any]]],
          fp32: Cell, metric: str | None) -> Row:
-    from edgepack.measure.calibrate import peaks_from
-
     prof, dev = plan.profile, plan.profile.device
     row = Row(prof.name, dev.name, prof.backend, prof.precision, status="", reason=None, metric=metric,
               fp32_accuracy=fp32, price_usd=dev.price_usd.value if dev.price_usd else None,
@@ -220,7 +207,7 @@ def apply_budget(rows: list[Row], budget: Budget) -> tuple[dict[str, Any] | None
     return summary, cheapest
 
 
-def assemble(resolved: Any, plans: list[Plan], out: Path, work: Path, suite: str, budget: Budget,
+def assemble(resolved: Resolved, plans: list[Plan], out: Path, work: Path, suite: str, budget: Budget,
              progress: CompareProgress) -> Comparison:
     project = resolved.project
     notes: list[str] = []

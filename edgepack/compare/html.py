@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import datetime, timezone
+from pathlib import Path
 
-from edgepack.compare import Cell, Comparison, Row
-from edgepack.report import accuracy_text, budget_line, budget_text, error_text, esc, fmt_cell, tag
+from edgepack.compare.model import Cell, Comparison, Row
+from edgepack.errors import ConfigError
+from edgepack.compare.report import (accuracy_text, budget_line, budget_text, error_text, esc, fmt_cell, scatter_png,
+                                     size_png, tag)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:20px;color:#1d2330}
@@ -140,3 +145,25 @@ bundle</span></p>
 <li>Model: {esc(json.dumps(c.model)) if c.model else 'not counted'}</li></ul>
 </body></html>
 """
+
+
+def write_html(c: Comparison, path: Path, pngs: bool = True) -> dict[str, Path]:
+    """Write the self-contained report to ``path`` (and the plots as PNG files next to it)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--html {path}: the report file must end in .html")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--html {path}: cannot create its folder: {e.strerror}") from e
+    scatter, size = scatter_png(c), size_png(c)
+    written = {"html": path}
+    if pngs:
+        stem = path.with_suffix("")
+        for key, data in (("latency_accuracy", scatter), ("size", size)):
+            p = stem.parent / f"{stem.name}-{key.replace('_', '-')}.png"
+            p.write_bytes(data)
+            written[key] = p
+    path.write_text(render(c, {"scatter": base64.b64encode(scatter).decode(), "size": base64.b64encode(size).decode()},
+                           datetime.now(timezone.utc).isoformat(timespec="seconds")), encoding="utf-8")
+    return written

@@ -6,15 +6,12 @@ figure carries its provenance (``measured (where)``, ``host proxy``, ``bundle`` 
 
 from __future__ import annotations
 
-import base64
 import html
 import io
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from edgepack.compare import Cell, Comparison, Row
-from edgepack.errors import ConfigError, MissingDependencyError
+from edgepack.compare.model import Cell, Comparison, Row
+from edgepack.errors import MissingDependencyError
 
 
 def fmt_cell(cell: Cell, nd: int = 3, unit: str = "") -> str:
@@ -191,30 +188,6 @@ def _png(fig: Any, plt: Any) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def write_html(c: Comparison, path: Path, pngs: bool = True) -> dict[str, Path]:
-    """Write the self-contained report to ``path`` (and the plots as PNG files next to it)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ConfigError(f"--html {path}: the report file must end in .html")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--html {path}: cannot create its folder: {e.strerror}") from e
-    scatter, size = scatter_png(c), size_png(c)
-    written = {"html": path}
-    if pngs:
-        stem = path.with_suffix("")
-        for key, data in (("latency_accuracy", scatter), ("size", size)):
-            p = stem.parent / f"{stem.name}-{key.replace('_', '-')}.png"
-            p.write_bytes(data)
-            written[key] = p
-    from edgepack.report_html import render
-
-    path.write_text(render(c, {"scatter": base64.b64encode(scatter).decode(), "size": base64.b64encode(size).decode()},
-                           datetime.now(timezone.utc).isoformat(timespec="seconds")), encoding="utf-8")
-    return written
 
 
 def esc(v: Any) -> str:

@@ -1,9 +1,9 @@
 """Builds for several targets in parallel processes, with progress events sent back to the parent.
 
-Targets are split into ``workers`` groups; each group is one :func:`edgepack.pipeline.build` call in a
-worker process, so targets of a group share the export, the data and the FP32 reference. A target
-that fails is isolated (its group is retried one target at a time) and reported as an error for that
-target only: one bad target never stops the others.
+Targets are split into ``workers`` groups; each group is one :func:`edgepack.build.build` call in a
+worker process, so targets of a group share the export, the data and the FP32 reference. The build
+returns one outcome per target, so a target that fails is reported as an error for that target only:
+one bad target never stops the others.
 """
 
 from __future__ import annotations
@@ -44,44 +44,25 @@ def groups_of(targets: list[str], workers: int) -> list[list[str]]:
 
 def _build_group(project_file: str, targets: list[str], out: str, targets_dirs: list[str], events: Any,
                  label: str) -> list[dict[str, Any]]:
-    """Runs in a worker process. Returns one dict per target: its bundle, or its error."""
-    import time
-
+    """Runs in a worker process. Returns one dict per target: its bundle, or its error (the build
+    reports each target's outcome, so one failing target never hides the others' bundles)."""
+    from edgepack.build.context import TargetFailure
+    from edgepack.build.pipeline import build
     from edgepack.errors import EdgepackError
-    from edgepack.pipeline import build
 
     def progress(stage: str, status: str, seconds: float | None, detail: str) -> None:
         events.put((label, stage, status, seconds, detail))
 
-    started = time.time()
     try:
-        results = build(Path(project_file), targets, Path(out), None, progress, [Path(d) for d in targets_dirs])
-        return [{"target": r.target, "bundle": str(r.bundle)} for r in results]
-    except Exception as e:  # noqa: BLE001 - every failure becomes a row's reason, never a crash
-        if len(targets) > 1:
-            # keep what this call finished; build the rest one at a time to isolate the failure
-            found: list[dict[str, Any]] = []
-            for t in targets:
-                done = _written_since(project_file, t, out, targets_dirs, started)
-                found += [{"target": t, "bundle": str(done)}] if done else \
-                    _build_group(project_file, [t], out, targets_dirs, events, label)
-            return found
+        outcomes = build(Path(project_file), targets, Path(out), None, progress, [Path(d) for d in targets_dirs],
+                         keep_going=True)
+    except Exception as e:  # noqa: BLE001 - a step every target shares failed: each target reports it
         if isinstance(e, EdgepackError):
-            return [{"target": targets[0], "error": e.message, "hint": e.hint, "error_type": type(e).__name__}]
-        return [{"target": targets[0], "error": f"{type(e).__name__}: {e}", "hint": "rerun `edgepack build` "
-                 f"--target {targets[0]} --debug for the traceback", "error_type": type(e).__name__}]
-
-
-def _written_since(project_file: str, target: str, out: str, targets_dirs: list[str], since: float) -> Path | None:
-    """The bundle for ``target`` when this worker wrote it after ``since`` (bundles are renamed into place)."""
-    from edgepack.bundle import bundle_name
-    from edgepack.project import load_project
-    from edgepack.target import load_target
-
-    project = load_project(Path(project_file))
-    name = load_target(target, [Path(d) for d in targets_dirs]).name
-    path = Path(out) / bundle_name(project.name, project.version, name)
-    return path if path.is_file() and path.stat().st_mtime >= since else None
+            return [{"target": t, "error": e.message, "hint": e.hint, "error_type": type(e).__name__} for t in targets]
+        return [{"target": t, "error": f"{type(e).__name__}: {e}", "hint": "rerun `edgepack build` "
+                 f"--target {t} --debug for the traceback", "error_type": type(e).__name__} for t in targets]
+    return [{"target": o.target, "error": o.error, "hint": o.hint, "error_type": o.error_type}
+            if isinstance(o, TargetFailure) else {"target": o.target, "bundle": str(o.bundle)} for o in outcomes]
 
 
 def run_builds(project_file: Path, targets: list[str], out: Path, targets_dirs: list[Path], workers: int,

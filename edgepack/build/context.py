@@ -1,0 +1,160 @@
+"""The typed state of one build: what every target shares, and the progress reporting.
+
+A :class:`BuildContext` is made once per ``build()`` call. Its inputs (the resolved project, the source
+record, the settings, the data) are frozen values; the caches that fill as targets are built (exports,
+FP32 references, the live torch modules backends that convert from PyTorch read) are typed dicts on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.artifact import ModelArtifact, StageRecord
+from edgepack.bundle import Manifest, Measured, Source
+from edgepack.calibration.reader import SampleSet
+from edgepack.loaders.resolve import Resolved
+from edgepack.measure.accuracy import MetricPlan
+from edgepack.project import Project
+
+# (stage, status, seconds, detail); status is start | done | failed | warn | note
+Progress = Callable[[str, str, float | None, str], None]
+Outputs = list[list[np.ndarray]]   # per sample, per model output
+
+
+def no_progress(stage: str, status: str, seconds: float | None, detail: str) -> None:
+    pass
+
+
+class Stage:
+    """``with Stage(progress, name) as st:`` reports start/done/failed with the seconds; set ``st.detail``."""
+
+    def __init__(self, progress: Progress, name: str):
+        self.progress, self.name, self.detail = progress, name, ""
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "Stage":
+        self.t0 = time.perf_counter()
+        self.progress(self.name, "start", None, "")
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.progress(self.name, "done" if exc_type is None else "failed", self.seconds,
+                      self.detail if exc_type is None else "")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The build command's knobs (not in the project file)."""
+
+    tune: bool = True
+    max_tuning_minutes: float = 10.0
+    max_tuning_steps: int = 12
+    threads: int | None = None
+    prune_flags: Mapping[str, Any] = field(default_factory=dict)  # --prune* flags that overrode the project's block
+
+    def tuning_record(self) -> dict[str, Any]:
+        return {"enabled": self.tune, "max_minutes": self.max_tuning_minutes, "max_steps": self.max_tuning_steps}
+
+
+@dataclass(frozen=True)
+class Data:
+    """The calibration and evaluation sets, read once per build, and the gating metric's name."""
+
+    calibration: SampleSet
+    evaluation: SampleSet
+    metric: str
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The FP32 reference (exported ONNX on ONNX Runtime): its figures and its outputs on the evaluation set."""
+
+    measured: Measured
+    outputs: Outputs
+
+
+# exports are keyed by the profile's max opset; ("unpruned", opset) and ("torch", which, shapes) for the rest
+ExportKey = Any
+
+
+@dataclass
+class BuildContext:
+    resolved: Resolved
+    source: Source
+    toolchain: Mapping[str, str]
+    settings: Settings
+    out: Path
+    scratch: Path
+    progress: Progress = no_progress
+    data: Data | None = None
+    metric_plan: MetricPlan | None = None   # once the model's outputs are known (first reference)
+    exports: dict[ExportKey, ModelArtifact] = field(default_factory=dict)
+    references: dict[tuple[int, int], Reference] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)  # torch modules "model" (and "unpruned") for PyTorch converters
+    stages: list[StageRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    prune: dict[str, Any] | None = None     # the prune record, when the project prunes
+
+    @property
+    def project(self) -> Project:
+        return self.resolved.project
+
+    @property
+    def calibration(self) -> SampleSet:
+        return self._data.calibration
+
+    @property
+    def evaluation(self) -> SampleSet:
+        return self._data.evaluation
+
+    @property
+    def metric(self) -> str:
+        return self._data.metric
+
+    @property
+    def _data(self) -> Data:
+        if self.data is None:
+            raise RuntimeError("the build's data is read before any target is built")
+        return self.data
+
+    def warn(self, note: str) -> None:
+        self.warnings.append(note)
+        self.progress(note, "warn", None, "")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A target that was built: its bundle (kept even when a gate failed) and its manifest."""
+
+    target: str
+    bundle: Path
+    manifest: Manifest
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest.acceptance.passed
+
+
+@dataclass(frozen=True)
+class TargetFailure:
+    """A target that could not be built (``build(..., keep_going=True)``); nothing of it was written."""
+
+    target: str
+    error: str
+    hint: str | None
+    error_type: str
+    exit_code: int = 1
+
+
+Outcome = BuildResult | TargetFailure

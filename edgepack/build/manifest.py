@@ -1,0 +1,152 @@
+"""Assembling a bundle's manifest from what the build measured, and writing the validation files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack import __version__
+from edgepack.artifact import ModelArtifact
+from edgepack.build.context import BuildContext, Outputs
+from edgepack.build.gates import comparison, device_status, gates
+from edgepack.build.plan import TargetPlan
+from edgepack.bundle import Manifest, Measured, Measurements, Runtime, Validation, content_digest, file_entries
+from edgepack.measure.coverage import coverage_for, describe
+from edgepack.validation import HOLDOUT_SAMPLES, VALIDATION_SAMPLES, tolerance_for
+
+
+@dataclass(frozen=True)
+class Built:
+    """What one target's build produced and measured, for its manifest."""
+
+    compiled: ModelArtifact            # moved into the bundle's model/ folder
+    exported: ModelArtifact            # the FP32 ONNX it was made from
+    reference: Measured
+    measured: Measured
+    outputs: Outputs                   # the compiled model's outputs on the evaluation set
+    tuning: dict[str, Any] | None = None
+    target_fp32: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+    in_turn: dict[str, Any] | None = None
+
+
+def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -> Manifest:
+    """Write the validation files, preprocessing and labels into ``staging``; return the manifest."""
+    profile, backend = plan.profile, plan.backend
+    compiled, exported, outputs, tuning = built.compiled, built.exported, built.outputs, built.tuning
+    ref, got, target_fp32 = built.reference, built.measured, built.target_fp32
+    project = ctx.project
+    ev = ctx.evaluation
+    vdir = staging / "validation"
+    vdir.mkdir(parents=True, exist_ok=True)
+    n = min(VALIDATION_SAMPLES, len(ev))
+    in_names = [s.name for s in project.input_specs()]
+    out_names = [o.name for o in exported.outputs]
+    # samples stacked on a new first axis: each entry is one sample as the model takes it (batch 1 wherever
+    # the batch dim is, e.g. a recurrent state [layers, batch, hidden])
+    np.savez(vdir / "inputs.npz", **{k: np.stack([ev.samples[i][k] for i in range(n)]) for k in in_names})
+    np.savez(vdir / "outputs.npz", **{k: np.stack([outputs[i][j] for i in range(n)])
+                                      for j, k in enumerate(out_names)})
+    holdout_file, n_hold = None, 0
+    text = _bundle_text(ctx, staging)
+    if ev.labels is not None and text is not None and ev.texts is not None:
+        # text models: the whole labelled evaluation set as raw text, tokenized on the device with the
+        # bundled tokenizer, so that `edgepack validate` reproduces the build's accuracy figure
+        with open(vdir / "holdout.jsonl", "w", encoding="utf-8") as f:
+            for t, y in zip(ev.texts, ev.labels):
+                f.write(json.dumps({"text": t, "label": int(y)}) + "\n")  # ASCII: no line breaks but "\n"
+        holdout_file, n_hold = "validation/holdout.jsonl", len(ev)
+    elif ev.labels is not None:
+        # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
+        idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
+        n_hold = len(idx)
+        np.savez(vdir / "holdout.npz", labels=np.asarray([ev.labels[i] for i in idx], np.int64),
+                 **{k: np.stack([ev.samples[i][k] for i in idx]) for k in in_names})
+        holdout_file = "validation/holdout.npz"
+    tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
+    pre = project.preprocess.model_dump() if project.preprocess else None
+    labels = project.label_names()
+    (staging / "preprocess.json").write_text(json.dumps(
+        {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
+         **({"text": text} if text else {}),
+         "note": f"raw image (HxWxC uint8, {_color(pre)}) -> float * scale -> (x - mean) / std -> layout" if pre else
+         "text -> the bundled tokenizer (see 'text')" if text else "inputs are fed as raw tensors"},
+        indent=2) + "\n")
+    (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    stages = [s.to_json() for s in ctx.stages] + [s.to_json() for s in compiled.lineage]
+    coverage, coverage_warnings = _coverage(compiled)
+    toolchain = dict(ctx.toolchain)
+    profile_dump = profile.model_dump(mode="json")
+    return Manifest(
+        name=project.name, version=project.version, target=profile.name,
+        build_id=content_digest(staging),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        edgepack_version=__version__, toolchain=toolchain, source=ctx.source, profile=profile_dump,
+        runtime=Runtime(backend=backend.name, runtime_package=backend.runtime_package, format=compiled.format.value,
+                        precision=compiled.precision, model_file=compiled.path.relative_to(staging).as_posix(),
+                        inputs=[s.to_json() for s in project.input_specs()],
+                        outputs=[o.to_json() for o in exported.outputs], io=compiled.details.get("io")),
+        stages=stages, files=file_entries(staging),
+        calibration=ctx.calibration.describe() | {"seed": project.calibration.seed},
+        measurements=Measurements(reference=ref, compiled=got,
+                                  target_fp32={k: v for k, v in target_fp32.items() if k != "path"} if target_fp32 else None,
+                                  comparison=comparison(ref, got, target_fp32, built.in_turn),
+                                  data={"evaluation": ev.describe(), "metric": ctx.metric,
+                                        "metrics": ctx.metric_plan.describe() if ctx.metric_plan else None,
+                                        "latency_input": "first evaluation sample, batch 1"},
+                                  device=device_status(profile, got)),
+        acceptance=gates(project, profile, ref, got),
+        validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
+                              holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
+        preprocess=pre, labels=labels, tuning=tuning, prune=built.prune, coverage=coverage,
+        warnings=list(ctx.warnings) + list(compiled.details.get("warnings", [])) + coverage_warnings,
+        conversion=_conversion(compiled, tuning), text=text,
+    )
+
+
+def _color(pre: dict[str, Any]) -> str:
+    return {"gray": "grayscale (HxW or HxWx1; RGB is converted)", "bgr": "BGR"}.get(pre.get("color", "rgb"), "RGB")
+
+
+def _coverage(compiled: ModelArtifact) -> tuple[dict[str, Any] | None, list[str]]:
+    """What really runs in INT8 (ONNX QDQ and OpenVINO IR; TFLite has its float-op report), and a warning
+    when the declared precision is not what most of the model runs in."""
+    try:
+        cov = coverage_for(compiled.path)
+    except Exception as e:  # noqa: BLE001 - a report must never fail a build
+        return {"error": f"coverage could not be computed: {type(e).__name__}: {e}"}, []
+    if cov is None:
+        return None, []
+    cov = {**cov, "summary": describe(cov)}
+    warnings = []
+    share = cov.get("macs_share")
+    if compiled.precision.startswith("int8") and share is not None and share < 0.9:
+        warnings.append(f"declared int8, but {describe(cov)}")
+    return cov, warnings
+
+
+def _conversion(compiled: ModelArtifact, tuning: dict[str, Any] | None) -> dict[str, Any] | None:
+    conv = compiled.details.get("conversion")
+    if conv is None:
+        return None
+    if tuning and tuning.get("kind") == "fallback ladder":
+        return {**conv, "reached": tuning["reached"], "why": tuning["why"], "ladder": tuning["steps"]}
+    return {**conv, "reached": conv["level"], "why": "the level the profile asks for (no fallback ran)"}
+
+
+def _bundle_text(ctx: BuildContext, staging: Path) -> dict[str, Any] | None:
+    """Copy the model's tokenizer into the bundle; the manifest's ``text`` section."""
+    spec = ctx.resolved.text
+    if spec is None:
+        return None
+    src = ctx.resolved.text_root / Path(spec.tokenizer_file).parent
+    dst = staging / Path(spec.tokenizer_file).parent
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    files = sorted(p.relative_to(staging).as_posix() for p in dst.rglob("*") if p.is_file())
+    return spec.to_json() | {"files": files}

@@ -1,0 +1,127 @@
+"""Measuring inside the build: a model's figures on the evaluation set, the FP32 reference, FP32 on the
+target's runtime, and the ratios from models timed in turn in one window."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifact import ModelArtifact
+from edgepack.backends import get_backend
+from edgepack.backends.base import Backend
+from edgepack.build.context import BuildContext, Outputs, Reference, Stage
+from edgepack.bundle import Measured
+from edgepack.calibration.reader import check_label_classes
+from edgepack.measure import accuracy as acc
+from edgepack.measure.latency import latency_at_shapes, measure_in_turn, measure_interleaved, measure_latency
+from edgepack.measure.memory import measure_peak_memory
+from edgepack.measure.size import size_of
+from edgepack.target import TargetProfile
+
+
+def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[Path], root: Path, threads: int,
+            profile: TargetProfile, what: str) -> tuple[Measured, Outputs]:
+    """Outputs on the whole evaluation set, latency (and at the dims' sizes), peak memory and size.
+    ``accuracy`` is left for the caller, which knows what to score against."""
+    runner, proxy = backend.host_runner(model_file, threads)
+    outputs = acc.run_all(runner, ctx.evaluation)
+    m = profile.measurement
+    sample = ctx.evaluation.samples[0]
+    latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)
+    by_shape = latency_at_shapes(runner, sample, ctx.project, m, threads)
+    del runner
+    memory = measure_peak_memory(backend.name, model_file, sample, threads)
+    runtime = proxy or f"{backend.runtime_package} {ctx.toolchain.get(backend.runtime_package, '?')}"
+    measured = Measured(model=what, runtime=runtime, proxy=proxy, accuracy=None, latency=latency,
+                        latency_by_shape=by_shape, size=size_of(files, root), peak_memory=memory)
+    return measured, outputs
+
+
+def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: TargetProfile) -> Reference:
+    """The exported FP32 ONNX on ONNX Runtime (once per opset and thread count); fixes the metric plan."""
+    key = (profile.max_opset, threads)
+    if key in ctx.references:
+        return ctx.references[key]
+    ort = get_backend("onnxruntime")
+    ort.check_environment(compile=False)
+    with Stage(ctx.progress, "measure fp32 reference") as st:
+        measured, outputs = measure(ctx, ort, art.path, list(art.all_files), art.path.parent, threads, profile,
+                                    "fp32 reference: exported ONNX on onnxruntime")
+        out_names = [o.name for o in art.outputs]
+        acc.check_finite(outputs, ctx.evaluation, out_names)
+        labels = ctx.evaluation.labels
+        project = ctx.project
+        if ctx.metric_plan is None:
+            ev = project.evaluation
+            spec = ev.metric if ev is not None and ev.metric is not None else ctx.metric
+            ctx.metric_plan = acc.plan(spec, out_names, labels is not None, project.root,
+                                       str(project.root / "edgepack.yaml"))
+        for e in ctx.metric_plan.entries:
+            if e.metric == "top1" and project.labels is None:  # no class list: the output width is it
+                check_label_classes(ctx.evaluation, int(outputs[0][e.index].shape[-1]), f"the model's output '{e.output}'")
+        measured.accuracy = acc.score(ctx.metric_plan, outputs, labels, outputs)
+        st.detail = f"{ctx.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+    ctx.references[key] = Reference(measured, outputs)
+    return ctx.references[key]
+
+
+def target_fp32(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact,
+                workdir: Path, threads: int) -> dict[str, Any]:
+    """The FP32 model compiled and timed on the target's own runtime: the speed-up INT8 buys there."""
+    if getattr(options, "level", None) is not None:
+        options = options.model_copy(update={"level": None})
+    fp32 = backend.compile(art, profile.model_copy(update={"precision": "fp32"}), options, ctx.calibration, workdir)
+    runner, _ = backend.host_runner(fp32.path, threads)
+    m = profile.measurement
+    latency = measure_latency(runner, ctx.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
+    return {"model": f"fp32 on {backend.name}", "latency": latency, "size_bytes": fp32.size_bytes,
+            "path": str(fp32.path)}  # "path" is for timing in turn; it is not written to the manifest
+
+
+def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: ModelArtifact,
+            compiled: ModelArtifact, fp32_on_target: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+    """The FP32 reference, the compiled model and (when built) FP32 on the target's runtime, timed in
+    turn in one window with a noise check: the speed-ups in the manifest come from here, so a busy
+    host's load falls on every model alike, and a window that never settles is flagged noisy."""
+    ort = get_backend("onnxruntime")
+    runners = {"fp32 reference": ort.load(art.path, threads), "compiled": backend.host_runner(compiled.path, threads)[0]}
+    if fp32_on_target is not None:
+        runners["fp32 on the target's runtime"] = backend.host_runner(Path(fp32_on_target["path"]), threads)[0]
+    m = profile.measurement
+    lat, noise = measure_in_turn(runners, ctx.evaluation.samples[0], m.warmup_runs, max(m.runs, 200),
+                                 m.max_seconds * 2, threads)
+    p50 = {k: v["p50_ms"] for k, v in lat.items()}
+    out = {"p50_ms": p50, "p90_ms": {k: v["p90_ms"] for k, v in lat.items()},
+           "runs": {k: v["how"]["runs"] for k, v in lat.items()},
+           "speedup_p50": round(p50["fp32 reference"] / p50["compiled"], 3), "noise": noise,
+           "how": lat["compiled"]["how"]["interleaved"] + "; timed: " + lat["compiled"]["how"]["timed"]}
+    if fp32_on_target is not None:
+        out["speedup_p50_vs_target_fp32"] = round(p50["fp32 on the target's runtime"] / p50["compiled"], 3)
+    return out
+
+
+def unpruned_latency(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile,
+                     art: ModelArtifact, workdir: Path, threads: int, pruned_path: Path) -> dict[str, Any]:
+    """The unpruned model compiled for the same target (plain, no tuning) and timed turn about with the
+    pruned one, so that a shared host's load falls on both alike."""
+    compiled = backend.compile(art, profile, options, ctx.calibration, workdir)
+    unpruned, proxy = backend.host_runner(compiled.path, threads)
+    pruned, _ = backend.host_runner(pruned_path, threads)
+    m = profile.measurement
+    # many more runs than a bundle's own figure: a ratio of two p50s needs both steady
+    lat = measure_interleaved({"unpruned": unpruned, "pruned": pruned}, ctx.evaluation.samples[0],
+                              m.warmup_runs, max(m.runs, 2000), m.max_seconds * 2, threads)
+    u, p = lat["unpruned"]["p50_ms"], lat["pruned"]["p50_ms"]
+    return {"unpruned_p50_ms": u, "pruned_p50_ms": p, "speedup_p50": round(u / p, 3),
+            "unpruned_p90_ms": lat["unpruned"]["p90_ms"], "pruned_p90_ms": lat["pruned"]["p90_ms"],
+            "precision": profile.precision, "runs": lat["pruned"]["how"]["runs"], "threads": threads,
+            "how": "both compiled for the target and timed in turn in one session, after the bundle's own "
+                   "measurement: " + lat["pruned"]["how"]["interleaved"] + "; timed: " + lat["pruned"]["how"]["timed"],
+            "where": "host proxy" if proxy else "host, the target's runtime", "measured_in_same_run": True}
+
+
+def noisy_note(profile: TargetProfile, timed: dict[str, Any]) -> str:
+    noise = timed["noise"]
+    return (f"{profile.name}: latency ratios are noisy (round-to-round spread {noise['checks'][-1]['worst']:.0%} "
+            f"after {noise['tries']} tries; host load {noise['checks'][-1]['load_per_cpu_after']} per CPU): the "
+            "speed-ups are flagged noisy in the manifest")

@@ -1,0 +1,182 @@
+"""The build: resolve -> data -> (per target) export -> reference -> compile to the budget -> measure -> bundle.
+
+Work shared by all targets of one build (resolving, data, export, FP32 reference) is done once. Each
+target is compiled in a scratch folder inside the output folder and renamed into place at the end, so a
+failed or interrupted build leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifact import ModelArtifact, ModelFormat
+from edgepack.build.context import BuildContext, BuildResult, Outcome, Progress, Settings, Stage, TargetFailure, no_progress
+from edgepack.build.data import prepare_data
+from edgepack.build.manifest import Built, assemble
+from edgepack.build.measuring import in_turn, measure, noisy_note, reference, target_fp32, unpruned_latency
+from edgepack.build.plan import TargetPlan, plan_targets, toolchain_versions
+from edgepack.build.search import Trials, accuracy_budget, compile_to_budget, precision_label
+from edgepack.build.source import compile_source, exported, source_of
+from edgepack.bundle import bundle_name, write_bundle
+from edgepack.errors import AcceptanceError, ConfigError, DiskFullError, EdgepackError, ToolchainError, no_space
+from edgepack.loaders.resolve import resolve
+from edgepack.project import find_project, load_project, with_prune_flags
+from edgepack.scratch import locked_dir
+from edgepack.toolchains import require
+
+
+def check_out_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the output folder: {e.strerror}",
+                          hint="choose a folder you can write to") from e
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the output folder is not writable", hint="choose a folder you can write to")
+    return out
+
+
+def build(project_path: Path | None, targets: list[str], out: Path | None = None, threads: int | None = None,
+          progress: Progress | None = None, targets_dirs: list[Path] | None = None, tune: bool = True,
+          max_tuning_minutes: float = 10.0, max_tuning_steps: int = 12,
+          prune: dict[str, Any] | None = None, *, keep_going: bool = False) -> list[Any]:
+    """Build one bundle per target. Returns one :class:`BuildResult` per target (failed gates are in its
+    manifest: :func:`raise_for_acceptance` turns them into an AcceptanceError). With ``keep_going`` a
+    target that cannot be built becomes a :class:`TargetFailure` and the others still build; otherwise
+    its error is raised.
+
+    ``prune`` overrides the project's ``prune`` block (see :func:`edgepack.project.with_prune_flags`).
+    When INT8 misses the accuracy budget and ``tune`` is on, :mod:`edgepack.tuning` searches for a
+    build that meets it within ``max_tuning_minutes`` / ``max_tuning_steps`` per target."""
+    progress = progress or no_progress
+    project = with_prune_flags(load_project(project_path), prune or {})
+    plans = plan_targets(targets, targets_dirs, strict=True)
+    out = check_out_dir(Path(out) if out else project.root / "dist")
+    if project.model.kind == "onnx" and any(p.backend.consumes == ModelFormat.TORCH for p in plans):
+        require("onnx2tf")  # ONNX sources reach PyTorch-reading converters through the isolated onnx2tf toolchain
+    if project.prune and project.model.kind in ("onnx", "hf"):
+        raise ConfigError(f"{project.root / 'edgepack.yaml'}: key 'prune': pruning needs the PyTorch model (file.py:factory), "
+                          f"but the model is {'an ONNX file' if project.model.kind == 'onnx' else 'an hf folder'}",
+                          hint="point model.path at file.py:factory, or remove prune")
+    if max_tuning_minutes <= 0 or max_tuning_steps < 1:
+        raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
+    settings = Settings(tune, max_tuning_minutes, max_tuning_steps, threads,
+                        {k: v for k, v in (prune or {}).items() if v is not None})
+    # inside --out (bundles are renamed from it); a killed build's folder is removed by the next one
+    try:
+        with locked_dir(out, ".edgepack-", ".build") as scratch:
+            ctx = BuildContext(resolve(project, scratch / "source"), source_of(project, find_project(project_path)),
+                               toolchain_versions(plans), settings, out, scratch, progress)
+            ctx.data = prepare_data(ctx, plans[0].profile)
+            return [_one(ctx, plan, keep_going) for plan in plans]
+    except (OSError, EdgepackError) as e:
+        if isinstance(e, DiskFullError) or not no_space(e):
+            raise
+        raise DiskFullError(f"--out {out}: no space left on its file system while building; nothing partial "
+                            "was kept") from e
+
+
+def _one(ctx: BuildContext, plan: TargetPlan, keep_going: bool) -> Outcome:
+    if not keep_going:
+        return build_target(ctx, plan)
+    try:
+        return build_target(ctx, plan)
+    except EdgepackError as e:
+        if no_space(e):
+            raise
+        return TargetFailure(plan.profile.name, e.message, e.hint, type(e).__name__, e.exit_code)
+    except Exception as e:  # noqa: BLE001 - a toolchain's own bug fails its target, not the others
+        if no_space(e):
+            raise
+        return TargetFailure(plan.profile.name, f"{type(e).__name__}: {e}", f"rerun `edgepack build --target "
+                             f"{plan.spec} --debug` for the traceback", type(e).__name__)
+
+
+def raise_for_acceptance(results: list[BuildResult]) -> None:
+    failed = [r for r in results if not r.passed]
+    if failed:
+        parts = [f"{r.target}: {'; '.join(r.manifest.acceptance.reasons)}" for r in failed]
+        raise AcceptanceError("acceptance gate failed: " + " | ".join(parts),
+                              hint=f"bundle kept at {failed[0].bundle}; its manifest records the failed gates",
+                              bundle=str(failed[0].bundle))
+
+
+def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
+    profile, backend, options = plan.profile, plan.backend, plan.options
+    project, progress = ctx.project, ctx.progress
+    # a phone profile's 4 threads on a 2-core build host would measure contention, not the model
+    threads = ctx.settings.threads or min(profile.measurement.threads, os.cpu_count() or 1)
+    final = ctx.out / bundle_name(project.name, project.version, profile.name)
+    art = exported(ctx, profile)
+    ref = reference(ctx, art, threads, profile)
+    src = compile_source(ctx, profile, backend, options, art)
+    workdir = ctx.scratch / profile.name
+    staging = workdir / "bundle"
+    trials = Trials(ctx, plan, src, ref, workdir, threads,
+                    lambda e, where: keep_logs(e, where, ctx.out, final.name),
+                    accuracy_budget(project, profile, ref.measured.accuracy))
+    chosen, tuning = compile_to_budget(ctx, plan, trials, art.path)
+    compiled = move_into(chosen.compiled, staging / "model")
+    with Stage(progress, f"measure {profile.name}") as st:
+        measured, outputs = measure(ctx, backend, compiled.path, list(compiled.all_files), staging, threads, profile,
+                                    f"compiled: {precision_label(compiled, profile)} on {backend.name}")
+        measured.accuracy = trials.score(outputs)
+        st.detail = f"{ctx.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+    prune = None
+    if ctx.prune is not None:
+        with Stage(progress, f"measure unpruned {profile.name}") as st:
+            unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
+            effect = unpruned_latency(ctx, backend, options, profile, unpruned_src, workdir / "unpruned", threads,
+                                      compiled.path)
+            st.detail = f"p50 {effect['unpruned_p50_ms']:.3f} ms -> pruned {effect['pruned_p50_ms']:.3f} ms"
+        prune = {**ctx.prune, "latency_effect": effect}
+    fp32_target = None
+    if backend.name != "onnxruntime" and measured.proxy is None and profile.precision != "fp32":
+        with Stage(progress, f"measure fp32 on {backend.name}") as st:
+            fp32_target = target_fp32(ctx, backend, options, profile, src, workdir / "fp32", threads)
+            st.detail = f"p50 {fp32_target['latency']['p50_ms']:.3f} ms"
+    timed = None
+    if measured.proxy is None:
+        with Stage(progress, f"time {profile.name} in turn with fp32") as st:
+            timed = in_turn(ctx, backend, profile, art, compiled, fp32_target, threads)
+            st.detail = (f"speed-up {timed['speedup_p50']:.2f}x"
+                         + (" [noisy host: figures flagged]" if timed["noise"]["noisy"] else ""))
+        if timed["noise"]["noisy"]:
+            ctx.warn(noisy_note(profile, timed))
+    with Stage(progress, f"bundle {profile.name}") as st:
+        built = Built(compiled, art, ref.measured, measured, outputs, tuning, fp32_target, prune, timed)
+        manifest = write_bundle(staging, assemble(ctx, plan, built, staging), final)
+        st.detail = str(final)
+    return BuildResult(profile.name, final, manifest)
+
+
+def move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:
+    """Move a compiled model's files into the bundle's model/ folder, keeping their paths relative
+    to the main file (so names, and so digests, are unchanged)."""
+    base = art.path.parent
+    moved = []
+    for f in art.all_files:
+        dst = folder / f.relative_to(base)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), dst)
+        moved.append(dst)
+    return replace(art, path=folder / art.path.relative_to(base), files=tuple(moved))
+
+
+def keep_logs(err: ToolchainError, workdir: Path, out: Path, name: str) -> ToolchainError:
+    """Copy a failed toolchain's logs out of the scratch folder before it is removed; a toolchain that
+    wrote none (OpenVINO, NNCF raise exceptions) gets its full error text and traceback kept instead."""
+    logs = sorted(workdir.glob("*.log"))
+    kept = out / f"{name}.log"
+    if logs:
+        kept.write_text("".join(f"== {p.name}\n{p.read_text(errors='replace')}\n" for p in logs))
+    else:
+        cause = err.__cause__ or err
+        kept.write_text(f"== {err.message}\n" + "".join(traceback.format_exception(cause)))
+    first = err.message.strip().splitlines()[0] if err.message.strip() else err.message
+    return ToolchainError(first[:500], hint=f"the toolchain's full message and log are kept in {kept}")

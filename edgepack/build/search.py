@@ -1,0 +1,166 @@
+"""Compile one target to meet the accuracy budget: the plain build, the backend's fallback ladder, or the
+tuning search (:mod:`edgepack.tuning`) that keeps the most sensitive layers in higher precision."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifact import ModelArtifact
+from edgepack.build.context import BuildContext, Outputs, Progress, Reference, Stage
+from edgepack.build.plan import TargetPlan
+from edgepack.errors import ToolchainError
+from edgepack.measure import accuracy as acc
+from edgepack.measure.latency import measure_latency
+from edgepack.project import Project
+from edgepack.target import TargetProfile
+from edgepack.tuning import Trial, TuningResult, rank_layers, search
+
+TryBuild = Callable[..., Trial]
+
+
+def accuracy_budget(project: Project, profile: TargetProfile, ref: dict) -> Callable[[float], bool] | None:
+    """A predicate on the compiled model's value of the gating metric, from max_accuracy_drop (points,
+    or the metric's units) and/or max_relative_accuracy_drop (fraction of the FP32 figure); None when no
+    budget is set. For error metrics (mae, rmse) a drop is a rise."""
+    gates = {**profile.acceptance.model_dump(exclude_none=True), **project.acceptance.model_dump(exclude_none=True)}
+    absolute, relative = gates.get("max_accuracy_drop"), gates.get("max_relative_accuracy_drop")
+    if absolute is None and relative is None:
+        return None
+    limits = [v for v in (absolute, None if relative is None else relative * abs(ref["value"])) if v is not None]
+    return lambda value: acc.drop(ref, {**ref, "value": value}) <= min(limits) + 1e-9
+
+
+@dataclass
+class Trials:
+    """Compiles and scores one variant of a target per call (``try_build(step, method, kept, level)``)."""
+
+    ctx: BuildContext
+    plan: TargetPlan
+    src: ModelArtifact
+    ref: Reference
+    workdir: Path
+    threads: int
+    on_error: Callable[[ToolchainError, Path], ToolchainError]
+    budget: Callable[[float], bool] | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+    def __call__(self, step: str, method: str, kept: list[str], level: str | None = None) -> Trial:
+        ctx, profile, backend = self.ctx, self.plan.profile, self.plan.backend
+        variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(
+            update={"calibration_method": method, "keep_float": kept})})
+        opts = self.plan.options if level is None else self.plan.options.model_copy(update={"level": level})
+        t0 = time.perf_counter()
+        where = self.workdir / f"try-{len(self.trials)}"
+        try:
+            compiled = backend.compile(self.src, variant, opts, ctx.calibration, where)
+        except ToolchainError as e:
+            raise self.on_error(e, where) from e
+        runner, _ = backend.host_runner(compiled.path, self.threads)
+        outputs = acc.run_all(runner, ctx.evaluation)
+        score = self.score(outputs)
+        p50 = measure_latency(runner, ctx.evaluation.samples[0], 5, 30, 5.0, self.threads)["p50_ms"]
+        trial = Trial(step, method, kept, compiled, score, outputs, p50, time.perf_counter() - t0,
+                      self.budget is None or self.budget(score["value"]))
+        self.trials.append(trial)
+        return trial
+
+    def score(self, outputs: Outputs) -> dict[str, Any]:
+        """The metric plan's score of ``outputs`` on the evaluation set, against the FP32 reference's."""
+        return acc.score(self.ctx.metric_plan, outputs, self.ctx.evaluation.labels, self.ref.outputs)
+
+
+def compile_to_budget(ctx: BuildContext, plan: TargetPlan, trials: Trials,
+                      fp32_onnx: Path) -> tuple[Trial, dict[str, Any] | None]:
+    """The chosen build and the ``tuning`` record (None when the plain build was all that ran)."""
+    profile, backend = plan.profile, plan.backend
+    ref_acc = trials.ref.measured.accuracy
+    settings = ctx.settings
+    int8_tuned = profile.precision == "int8" and settings.tune
+    ladder = backend.fallback_levels if int8_tuned and getattr(plan.options, "level", None) is None else ()
+    tuning = None
+    with Stage(ctx.progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
+        if ladder:
+            plain, tuning = fall_back(ladder, trials, ref_acc, profile.name, ctx.progress)
+        else:
+            q = profile.quantization
+            plain = trials(f"plain {profile.precision}", q.calibration_method, list(q.keep_float))
+        st.detail = f"{plain.compiled.size_bytes / 1e6:.2f} MB, {ctx.metric} {plain.accuracy['value']:.2f}"
+    if plain.meets_budget or not int8_tuned or ladder:
+        return plain, tuning
+    with Stage(ctx.progress, f"tune {profile.name} for the accuracy budget") as st:
+        result = search(plain, list(backend.calibration_methods), trials,
+                        lambda deadline: rank_layers(fp32_onnx, ctx.calibration, trials.workdir / "sensitivity",
+                                                     deadline=deadline),
+                        settings.max_tuning_minutes, settings.max_tuning_steps,
+                        lambda msg: ctx.progress(f"tune {profile.name}: {msg}", "note", None, ""))
+        st.detail = result.stopped
+    return result.best, tuning_record(result, ref_acc, settings.tuning_record())
+
+
+def fall_back(levels: tuple[str, ...], try_build: TryBuild, ref_acc: dict, target: str,
+              progress: Progress) -> tuple[Trial, dict[str, Any]]:
+    """Try each quantization level, most integer first, until one converts and meets the accuracy
+    budget; the record says which level was reached and why each earlier one was left."""
+    trials: list[Trial] = []
+    steps: list[dict[str, Any]] = []
+    for level in levels:
+        try:
+            trial = try_build(f"level {level}", "minmax", [], level)
+        except ToolchainError as e:
+            steps.append({"level": level, "outcome": "failed to convert", "reason": e.message})
+            progress(f"{target}: level {level} failed to convert; falling back", "warn", None, "")
+            continue
+        trials.append(trial)
+        drop = round(acc.drop(ref_acc, trial.accuracy), 3)
+        steps.append({"level": level, "outcome": "meets the accuracy budget" if trial.meets_budget
+                      else "misses the accuracy budget", "accuracy": trial.accuracy["value"], "drop_points": drop,
+                      "p50_ms_host": trial.p50_ms, "seconds": round(trial.seconds, 2)})
+        if trial.meets_budget:
+            break
+        progress(f"{target}: level {level} misses the accuracy budget (drop {drop:.2f} points); falling back",
+                 "warn", None, "")
+    if not trials:
+        raise ToolchainError(f"target '{target}': no quantization level converted: "
+                             + "; ".join(f"{s['level']}: {s['reason']}" for s in steps),
+                             hint="the converter output is in the build log; report the op it names upstream")
+    best = next((t for t in trials if t.meets_budget), None) or max(trials, key=lambda t: acc.goodness(t.accuracy))
+    reached = best.step.removeprefix("level ")
+    why = ("the first level that converted and met the accuracy budget" if best.meets_budget else
+           "no level met the accuracy budget: the most accurate one is kept and the gate reports the miss")
+    return best, {"kind": "fallback ladder", "budget_met": best.meets_budget, "levels": list(levels),
+                  "reached": reached, "why": why, "chosen": {"step": best.step, "level": reached},
+                  "steps": steps, "stopped": why}
+
+
+def _finite(v: float | None) -> float | None:
+    return round(v, 6) if v is not None and v == v else None
+
+
+def tuning_record(result: TuningResult, ref_acc: dict, settings: dict[str, Any]) -> dict[str, Any]:
+    sens = dict(result.sensitivity)
+    best = result.best
+    return {
+        "budget_met": best.meets_budget, "stopped": result.stopped,
+        "max_minutes": settings["max_minutes"], "max_steps": settings["max_steps"],
+        "chosen": {"step": best.step, "calibration_method": best.method},
+        "kept_in_higher_precision": [{"layer": n, "sensitivity": _finite(sens.get(n))} for n in best.kept],
+        "steps": [t.to_json(ref_acc) for t in result.trials],
+        "failed_steps": list(result.failed),
+        "sensitivity": [{"layer": n, "output_error": round(e, 6)} for n, e in result.sensitivity if e == e],
+        "ranking": {"ranked": sum(1 for _, e in result.sensitivity if e == e), "layers": len(result.sensitivity),
+                    "seconds": result.ranking_seconds,
+                    "note": "the ranking stops at half the time left; layers not ranked are kept in float last"},
+        "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
+                           "error of the model output vs FP32 on calibration samples",
+    }
+
+
+def precision_label(compiled: ModelArtifact, profile: TargetProfile) -> str:
+    """What runs, and the profile's precision when a fallback moved off it (e.g. "fp16 (fallback from int8)")."""
+    if compiled.precision == profile.precision:
+        return compiled.precision
+    return f"{compiled.precision} (fallback from {profile.precision})"
