@@ -114,10 +114,25 @@ def _concrete(model: Any, batch: int, dims: dict[str, int] | None) -> tuple[Any,
             if not d.HasField("dim_value"):
                 d.Clear()
     try:
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     except Exception as e:  # onnx raises its own InferenceError types
         raise ModelError(f"ONNX shape inference failed while counting MACs: {e}") from e
-    return m, shapes
+    if any(_dims(vi) is None for vi in inferred.graph.value_info):
+        # shapes computed at run time (Shape -> Gather -> Concat -> Reshape, as torch.export writes attention)
+        # lose their dims in ONNX's inference; ONNX Runtime's symbolic inference follows them
+        inferred = _symbolic(m) or inferred
+    return inferred, shapes
+
+
+def _symbolic(model: Any) -> Any | None:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - a better count when it works; ONNX's own inference otherwise
+        return None
 
 
 def count_graph(path: Path, batch: int = 1, dims: dict[str, int] | None = None) -> GraphCounts:
