@@ -15,6 +15,7 @@ Layout of ROOT (every switch is a rename, so a kill at any point leaves a usable
                           without it and without a trusted key, install refuses every bundle)
     switch.json           present only while `current`/`previous` are being switched: the intended
                           links, so that a switch killed half way is finished by the next command
+                          (the atomic writes, links, lock and journal live in :mod:`edgepack.shipping.switch`)
 
 Steps, in order, each one a test crash point (``EDGEPACK_TEST_CRASH_AT=<step>`` exits with 137 there):
 """
@@ -22,15 +23,10 @@ Steps, in order, each one a test crash point (``EDGEPACK_TEST_CRASH_AT=<step>`` 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,89 +34,22 @@ from typing import Any
 from edgepack.bundle import SIGNATURE, open_bundle, read_archive
 from edgepack.errors import AcceptanceError, BundleError, ConfigError, DiskFullError, EdgepackError, InstallError, SignatureError
 from edgepack.shipping.device import check_target
+from edgepack.shipping.switch import (JOURNAL, crash, finish_switch, fsync_dir, locked, read_json, resolve, switch,
+                                      write_json)
 
 STEPS = ("locked", "fetched", "extracted", "verified", "validated", "placed", "journal-written", "previous-linked",
          "current-linked", "state-written")
 ROLLBACK_STEPS = ("rollback-journal-written", "rollback-previous-linked", "rollback-current-linked")
-CRASH_ENV = "EDGEPACK_TEST_CRASH_AT"
 DEVICE_ENV = "EDGEPACK_DEVICE_ID"
 TRUSTED = "trusted.pub"
 ALLOW_UNSIGNED = "allow-unsigned"
-JOURNAL = "switch.json"
 STATE = "state.json"
 DEVICE_STATUS = "device-status.json"
 __doc__ += "``" + " -> ".join(STEPS) + "``; rollback: ``" + " -> ".join(ROLLBACK_STEPS) + "``.\n"
 
 
-def _crash(step: str) -> None:
-    """Test hook: die like `kill -9` would, without cleanup, right after ``step``."""
-    if os.environ.get(CRASH_ENV) == step:
-        os._exit(137)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: temp file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # status files are read by collectors running as other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _link(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` atomically: a new symlink beside it, renamed over it."""
-    tmp = link.with_name(link.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _resolve(link: Path) -> Path | None:
-    """The version folder a link points at, or None when absent or dangling."""
-    if not link.is_symlink():
-        return None
-    target = (link.parent / os.readlink(link)).resolve()
-    if target.parent != (link.parent / "versions").resolve():  # only ever a folder of ROOT/versions
-        return None
-    return target if (target / "bundle" / "manifest.json").is_file() else None
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One install or rollback at a time. flock is released by the kernel when the process dies,
-    so a killed install never leaves a stale lock behind."""
-    f = open(root / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        f.close()
-        raise InstallError(f"{root}: another edgepack install or rollback is running",
-                           hint="wait for it to finish; a killed one releases the lock by itself") from e
-    try:
-        yield
-    finally:
-        f.close()
 
 
 def _prepare_root(root: Path) -> None:
@@ -140,43 +69,7 @@ def _cleanup(root: Path) -> None:
     for name in ("current.tmp", "previous.tmp"):
         (root / name).unlink(missing_ok=True)
     shutil.rmtree(root / ".downloads", ignore_errors=True)
-    _finish_switch(root)
-
-
-def _switch(root: Path, current: Path, previous: Path | None, steps: tuple[str, str, str]) -> None:
-    """Point `current` (and `previous`, when given) at version folders, crash-safe: the intended
-    pair is written to switch.json first, then the links are renamed; a switch killed in between is
-    finished by :func:`_finish_switch` at the start of the next install, rollback or status."""
-    _write_json(root / JOURNAL, {"current": current.name, "previous": previous.name if previous else None})
-    _crash(steps[0])
-    if previous is not None:
-        _link(root / "previous", previous)
-    _crash(steps[1])
-    _link(root / "current", current)
-    _crash(steps[2])
-    (root / JOURNAL).unlink()
-    _fsync_dir(root)
-
-
-def _finish_switch(root: Path) -> None:
-    """Complete a switch that switch.json says was under way (both folders must still be there)."""
-    j = _read_json(root / JOURNAL)
-    if j is None:
-        (root / JOURNAL).unlink(missing_ok=True)
-        return
-    folders = []
-    for key in ("current", "previous"):
-        name = j.get(key)
-        ok = isinstance(name, str) and "/" not in name and not name.startswith(".") and \
-            (root / "versions" / name / "bundle" / "manifest.json").is_file()
-        folders.append(root / "versions" / name if ok else None)
-    cur, prev = folders
-    if prev is not None:
-        _link(root / "previous", prev)
-    if cur is not None:
-        _link(root / "current", cur)
-    (root / JOURNAL).unlink(missing_ok=True)
-    _fsync_dir(root)
+    finish_switch(root)
 
 
 def unsigned_allowed(root: Path, flag: bool = False) -> bool:
@@ -242,8 +135,8 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
 
     root = Path(root).resolve()
     _prepare_root(root)
-    with _locked(root):
-        _crash("locked")
+    with locked(root):
+        crash("locked")
         _cleanup(root)
         key = trusted_key(root, pubkey)
         attempt: dict[str, Any] = {"action": "install", "source": source, "at": _now()}
@@ -258,9 +151,9 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
                     reason="missing")
             bundle, pinned = _fetch(source, root, key, plain_http)
             attempt["pinned"] = pinned
-            _crash("fetched")
+            crash("fetched")
             _extract(bundle, staging / "bundle")
-            _crash("extracted")
+            crash("extracted")
             from edgepack.shipping.signing import signature_info
 
             with open_bundle(staging / "bundle", verify=True) as opened:
@@ -272,7 +165,7 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
                                       f"{'; '.join(m.acceptance.reasons)}",
                                       hint="rebuild it within its budget, or install it anyway with --force")
             notes = check_target(m, force)
-            _crash("verified")
+            crash("verified")
             final, reuse = _destination(root, staging / "bundle", version_id(m))
             try:
                 report = validate(staging / "bundle", threads, staging / "validation.json", runs)
@@ -281,15 +174,15 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
                     os.replace(staging / "validation.json", root / "failed-validation.json")
                     e.hint = f"{e.hint}; the report is kept in {root / 'failed-validation.json'}"
                 raise
-            _crash("validated")
+            crash("validated")
             report = {k: v for k, v in report.items() if k != "report"} | {"bundle": str(final / "bundle")}
-            _write_json(staging / "validation.json", report)
-            _write_json(staging / "install.json", {"source": source, "pinned": pinned, "installed_at": _now(),
+            write_json(staging / "validation.json", report)
+            write_json(staging / "install.json", {"source": source, "pinned": pinned, "installed_at": _now(),
                                                    "signature": sig, "target_notes": notes})
             _place(staging, final, reuse)
-            _crash("placed")
-            old = _resolve(root / "current")
-            _switch(root, final, old if old is not None and old != final else None,
+            crash("placed")
+            old = resolve(root / "current")
+            switch(root, final, old if old is not None and old != final else None,
                     ("journal-written", "previous-linked", "current-linked"))
         except EdgepackError as e:
             e.message = e.message.replace(str(staging / "bundle"), source)  # name what the user gave
@@ -299,7 +192,7 @@ def install(source: str, root: Path, pubkey: Path | None = None, force: bool = F
         finally:
             shutil.rmtree(root / ".downloads", ignore_errors=True)
         _record(root, attempt | {"result": "installed"}, device_id)
-        _crash("state-written")
+        crash("state-written")
         _prune(root, keep)
         return status(root) | {"installed": version_id(m), "validation_report": report, "signature": sig,
                                "target_notes": notes}
@@ -331,7 +224,7 @@ def _destination(root: Path, bundle: Path, vid: str) -> tuple[Path, bool]:
             return final, False
         if _intact(final / "bundle") and _identity(final / "bundle") == ident:
             return final, True
-    if final in (_resolve(root / "current"), _resolve(root / "previous")):
+    if final in (resolve(root / "current"), resolve(root / "previous")):
         raise InstallError(f"{final}: an installed copy of this bundle is damaged and in use",
                            hint="roll back or install another version first; then this one can be reinstalled")
     final.rename(final.with_name(f".trash-{os.getpid()}"))
@@ -347,7 +240,7 @@ def _place(staging: Path, final: Path, reuse: bool) -> None:
         shutil.rmtree(staging)
         return
     staging.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def rollback(root: Path, pubkey: Path | None = None, device_id: str | None = None) -> dict[str, Any]:
@@ -357,9 +250,9 @@ def rollback(root: Path, pubkey: Path | None = None, device_id: str | None = Non
     root = Path(root).resolve()
     if not (root / "versions").is_dir():
         raise InstallError(f"{root}: nothing is installed here")
-    with _locked(root):
+    with locked(root):
         _cleanup(root)
-        cur, prev = _resolve(root / "current"), _resolve(root / "previous")
+        cur, prev = resolve(root / "current"), resolve(root / "previous")
         if prev is None or prev == cur:
             raise InstallError(f"{root}: there is no previous version to roll back to",
                                hint="`edgepack status` shows what is installed; install the version you want instead")
@@ -371,33 +264,26 @@ def rollback(root: Path, pubkey: Path | None = None, device_id: str | None = Non
         except EdgepackError as e:
             _record(root, attempt | {"result": "failed", "error": e.message, "exit_code": e.exit_code}, device_id)
             raise
-        _switch(root, prev, cur, ROLLBACK_STEPS)
+        switch(root, prev, cur, ROLLBACK_STEPS)
         _record(root, attempt | {"result": "rolled back"}, device_id)
         return status(root)
 
 
 def _prune(root: Path, keep: int) -> None:
     """Delete old version folders beyond the ``keep`` newest; current and previous always stay."""
-    linked = {_resolve(root / "current"), _resolve(root / "previous")}
+    linked = {resolve(root / "current"), resolve(root / "previous")}
     others = sorted((p for p in (root / "versions").iterdir() if not p.name.startswith(".") and p not in linked),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for p in others[max(0, keep - len(linked - {None})):]:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _describe(folder: Path | None) -> dict[str, Any] | None:
     if folder is None:
         return None
-    m = _read_json(folder / "bundle" / "manifest.json") or {}
-    inst = _read_json(folder / "install.json") or {}
-    report = _read_json(folder / "validation.json") or {}
+    m = read_json(folder / "bundle" / "manifest.json") or {}
+    inst = read_json(folder / "install.json") or {}
+    report = read_json(folder / "validation.json") or {}
     return {"id": folder.name, "name": m.get("name"), "version": m.get("version"), "target": m.get("target"),
             "build_id": m.get("build_id"), "path": str(folder / "bundle"), "installed_at": inst.get("installed_at"),
             "source": inst.get("source"), "pinned": inst.get("pinned"),
@@ -413,10 +299,10 @@ def status(root: Path, verify: bool = False) -> dict[str, Any]:
     if not (root / "versions").is_dir():
         raise InstallError(f"{root}: nothing is installed here", hint="`edgepack install BUNDLE --root DIR` first")
     if (root / JOURNAL).exists():  # a switch was killed half way: finish it, unless a command is running
-        with contextlib.suppress(InstallError, OSError), _locked(root):
-            _finish_switch(root)
-    cur, prev = _resolve(root / "current"), _resolve(root / "previous")
-    state = _read_json(root / STATE) or {}
+        with contextlib.suppress(InstallError, OSError), locked(root):
+            finish_switch(root)
+    cur, prev = resolve(root / "current"), resolve(root / "previous")
+    state = read_json(root / STATE) or {}
     result: dict[str, Any] = {
         "device_id": state.get("device_id") or os.environ.get(DEVICE_ENV) or socket.gethostname(),
         "hostname": socket.gethostname(), "root": str(root.resolve()), "reported_at": _now(),
@@ -438,13 +324,13 @@ def status(root: Path, verify: bool = False) -> dict[str, Any]:
 
 def _record(root: Path, attempt: dict[str, Any], device_id: str | None) -> None:
     """Update the state cache and the device status file (both atomically)."""
-    state = _read_json(root / STATE) or {}
+    state = read_json(root / STATE) or {}
     state["device_id"] = device_id or state.get("device_id") or os.environ.get(DEVICE_ENV) or socket.gethostname()
-    cur = _resolve(root / "current")
+    cur = resolve(root / "current")
     state["current"] = cur.name if cur else None
-    prev = _resolve(root / "previous")
+    prev = resolve(root / "previous")
     state["previous"] = prev.name if prev else None
     state["last_attempt"] = attempt
     state["history"] = (state.get("history") or [])[-19:] + [attempt]
-    _write_json(root / STATE, state)
-    _write_json(root / DEVICE_STATUS, status(root))
+    write_json(root / STATE, state)
+    write_json(root / DEVICE_STATUS, status(root))

@@ -1,8 +1,7 @@
 """Bundles as OCI artifacts in any OCI registry (Harbor, GHCR, ECR, Docker Hub, a plain registry:2).
 
-One artifact per bundle: the bundle tar is the single layer (``application/vnd.edgepack.bundle.v1.tar``),
-the bundle's manifest.json is the config blob, and the headline figures are manifest annotations, so
-a registry UI shows name, version, target, accuracy and latency without downloading anything.
+The artifact's shape (one bundle layer, the manifest as config blob, headline annotations) and the
+checks on a manifest a registry serves are in :mod:`edgepack.shipping.oci`; this module moves bytes.
 Transport and auth come from oras (it reads ``~/.docker/config.json`` like docker does); edgepack adds
 its own retry policy, the manifest PUT (to know the exact digest it wrote) and verified downloads.
 """
@@ -22,15 +21,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgepack.artifact import sha256_file
-from edgepack.bundle import MANIFEST, SUFFIX, open_bundle
+from edgepack.bundle import MANIFEST, open_bundle
 from edgepack.errors import (BundleError, ConfigError, DigestMismatchError, DiskFullError, EdgepackError,
                              MissingDependencyError, NotInRegistryError, RegistryError, RegistryUnreachableError)
+from edgepack.shipping.oci import (ARTIFACT_TYPE, MEDIA_BUNDLE, MEDIA_CONFIG, OCI_MANIFEST, annotations, bundle_layer,
+                                   file_name)
 from edgepack.shipping.reference import TAG_RE, Ref, parse_ref, tag_for
-
-ARTIFACT_TYPE = "application/vnd.edgepack.bundle.v1"
-MEDIA_BUNDLE = "application/vnd.edgepack.bundle.v1.tar"
-MEDIA_CONFIG = "application/vnd.edgepack.manifest.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 # Retry policy for transient failures (refused connection, timeout, 429/502/503/504): RETRIES
 # attempts, waiting BACKOFF_S, 2*BACKOFF_S, ... between them. oras' own policy waits 2+3**n s
@@ -185,32 +181,6 @@ def _registry_message(resp) -> str:
         return (resp.text or resp.reason or "")[:200]
 
 
-def annotations(manifest, signature: dict[str, Any] | None) -> dict[str, str]:
-    """What a registry UI shows: OCI's standard keys plus edgepack's headline figures (strings only)."""
-    m = manifest
-    comp = m.measurements.compiled
-    ann = {
-        "org.opencontainers.image.title": m.name,
-        "org.opencontainers.image.version": m.version,
-        "org.opencontainers.image.created": m.created_at,
-        "org.opencontainers.image.description":
-            f"{m.name} {m.version} for {m.target} ({m.runtime.backend} {m.runtime.precision})",
-        "dev.edgepack.name": m.name, "dev.edgepack.version": m.version, "dev.edgepack.target": m.target,
-        "dev.edgepack.backend": m.runtime.backend, "dev.edgepack.precision": m.runtime.precision,
-        "dev.edgepack.build-id": m.build_id,
-        "dev.edgepack.latency-p50-ms": f"{comp.latency['p50_ms']:.4g}",
-        "dev.edgepack.size-bytes": str(comp.size["bytes"]),
-        "dev.edgepack.acceptance": "passed" if m.acceptance.passed else "failed",
-    }
-    if comp.accuracy:
-        ann["dev.edgepack.accuracy"] = f"{comp.accuracy['value']:.4g} {comp.accuracy.get('metric', '')}".strip()
-    if comp.proxy:
-        ann["dev.edgepack.measured-on"] = comp.proxy
-    if signature and signature.get("key_id"):
-        ann["dev.edgepack.signed-by"] = signature["key_id"]
-    return ann
-
-
 def push(bundle: Path, ref_text: str, extra_tags: list[str] | None = None, plain_http: bool | None = None) -> dict[str, Any]:
     """Upload a verified bundle; tag it (default `<version>-<target>`); return the digest to pin."""
     from edgepack.shipping.signing import read_signature
@@ -310,41 +280,6 @@ def _write_error(e: OSError, folder: Path, doing: str) -> EdgepackError:
                        hint="check the destination folder exists and is writable")
 
 
-def _bundle_layer(oci: Any, ref: Ref) -> dict[str, Any]:
-    """The one bundle layer of an OCI manifest, its digest and size checked (the registry is untrusted)."""
-    from edgepack.bundle import max_bundle_bytes
-
-    if not isinstance(oci, dict) or not isinstance(oci.get("config") or {}, dict) \
-            or not isinstance(oci.get("layers") or [], list):
-        raise BundleError(f"{ref}: the registry's manifest is not an OCI image manifest")
-    kind = oci.get("artifactType") or (oci.get("config") or {}).get("mediaType")
-    layers = [la for la in oci.get("layers") or [] if isinstance(la, dict) and la.get("mediaType") == MEDIA_BUNDLE]
-    if kind not in (ARTIFACT_TYPE, MEDIA_CONFIG) or len(layers) != 1:
-        raise BundleError(f"{ref} is not an edgepack bundle (artifact type {str(kind)[:80]!r})",
-                          hint="push bundles with `edgepack push`; pull other artifacts with oras or docker")
-    layer = layers[0]
-    size, digest = layer.get("size"), layer.get("digest")
-    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-        raise BundleError(f"{ref}: the bundle layer's digest {str(digest)[:80]!r} is not a sha256 digest")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= max_bundle_bytes():
-        raise BundleError(f"{ref}: the registry names a bundle of {str(size)[:40]} bytes "
-                          f"(a positive size up to {max_bundle_bytes():,} is accepted)",
-                          hint="raise $EDGEPACK_MAX_BUNDLE_BYTES if this bundle is expected to be that large")
-    if not isinstance(layer.get("annotations") or {}, dict) or not isinstance(oci.get("annotations") or {}, dict):
-        raise BundleError(f"{ref}: the registry's manifest has malformed annotations")
-    return layer
-
-
-def _file_name(layer: dict[str, Any], oci: dict[str, Any]) -> str:
-    """The bundle's own file name when it is a plain name; never a path from the registry."""
-    title = (layer.get("annotations") or {}).get("org.opencontainers.image.title", "")
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*" + re.escape(SUFFIX), title):
-        return title
-    a = oci.get("annotations") or {}
-    return re.sub(r"[^\w.+-]", "_", f"{a.get('dev.edgepack.name', 'bundle')}-{a.get('dev.edgepack.version', '0')}-"
-                                     f"{a.get('dev.edgepack.target', 'unknown')}") + SUFFIX
-
-
 def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool | None = None) -> dict[str, Any]:
     """Download a bundle; check manifest digest (when pinned), blob digest, every file's sha256 and the
     signature (when a key is given) before the final file appears (temp file, then rename)."""
@@ -370,9 +305,9 @@ def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool
         oci = json.loads(body)
     except ValueError as e:
         raise RegistryError(f"{ref}: the registry's manifest is not JSON ({e})") from e
-    layer = _bundle_layer(oci, ref)
+    layer = bundle_layer(oci, ref)
     dest = Path(dest)
-    final = dest / _file_name(layer, oci)
+    final = dest / file_name(layer, oci)
     try:
         dest.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dest).free
