@@ -8,6 +8,7 @@ from edgepack import __version__
 from edgepack.cli import build, doctor, engine, init, inspect, targets, validate
 from edgepack.cli import device, fleet, registry, sign
 from edgepack.cli.group import EdgepackGroup
+from edgepack.cli.options import DebugOpt
 
 app = typer.Typer(
     cls=EdgepackGroup,
@@ -28,7 +29,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    debug: DebugOpt = False,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     ctx.obj = {"debug": debug}

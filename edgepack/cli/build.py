@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import stdout_to_stderr, Format, err, fmt, out, print_json
+from edgepack.cli.options import DistOpt, FormatOpt, ProjectOpt, QuietOpt, TargetsDirOpt, ThreadsOpt
 
 
 class _Progress:
@@ -40,13 +41,13 @@ class _Progress:
 
 def build(
     target: list[str] = typer.Option(..., "--target", "-t", help="Target profile name or .yaml path; repeatable."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Output folder (default: <project>/dist)."),
-    project: Path = typer.Option(None, "--project", "-p", help="Project folder or edgepack.yaml (default: .)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads for measurements (default: the profile's)."),
-    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles; repeatable."),
+    out_dir: DistOpt = None,
+    project: ProjectOpt = None,
+    threads: ThreadsOpt = None,
+    targets_dir: TargetsDirOpt = [],
     sign: Path = typer.Option(None, "--sign", help="Ed25519 private key (edgepack keygen): sign bundles that pass their gates."),
-    format: Format = typer.Option(Format.human, "--format", help="human or json (bundle paths and headline figures)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    format: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
     tune: bool = typer.Option(True, "--tune/--no-tune",
                               help="When INT8 misses the accuracy budget, search for a build that meets it."),
     max_tuning_minutes: float = typer.Option(10.0, "--max-tuning-minutes", help="Time cap of that search, per target."),
@@ -72,18 +73,19 @@ def build(
     if sign is not None:  # load the key before a long build, so a bad path fails fast
         from edgepack.shipping.signing import load_private_key, sign_bundle
 
-        key = load_private_key(sign)
+        key = load_private_key(path=sign)
     progress = _Progress(quiet)
     try:
         with stdout_to_stderr(format == Format.json):
-            results = run_build(project, list(target), out_dir, threads, progress, list(targets_dir), tune,
-                                max_tuning_minutes, prune=flags)
+            results = run_build(project_path=project, targets=list(target), out=out_dir, threads=threads,
+                                progress=progress, targets_dirs=list(targets_dir), tune=tune,
+                                max_tuning_minutes=max_tuning_minutes, prune=flags)
     finally:
         if progress.status:
             progress.status.stop()
     for r in results if key is not None else []:  # a bundle that failed a gate is kept, never vouched for
         if r.manifest.acceptance.passed:
-            signed = sign_bundle(r.bundle, key)
+            signed = sign_bundle(bundle=r.bundle, key=key)
             err.print(f"signed {escape(str(r.bundle))} with key {signed['key_id'][:23]}...")
         else:
             err.print(f"[yellow]not signed[/] {escape(str(r.bundle))}: it failed its acceptance gates")

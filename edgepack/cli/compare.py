@@ -3,7 +3,6 @@ print one table (human, json or markdown) and optionally write the HTML report."
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import stdout_to_stderr, err, out, print_json
+from edgepack.cli.options import CompareFormat, CompareFormatOpt, DistOpt, ProjectOpt, QuietOpt, TargetsDirOpt
 from edgepack.compare import Comparison
 from edgepack.errors import ConfigError
-
-
-class CompareFormat(str, Enum):
-    human = "human"
-    json = "json"
-    markdown = "markdown"
 
 
 class _View:
@@ -85,25 +79,26 @@ def _check_limit(flag: str, value: float | None) -> float | None:
 
 def compare(
     targets: list[str] = typer.Option(..., "--targets", "-t", help="Comma-separated target names or .yaml paths; repeatable."),
-    project: Path = typer.Option(None, "--project", "-p", help="Project folder or edgepack.yaml (default: .)."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Bundle folder, built or reused (default: <project>/dist)."),
-    format: CompareFormat = typer.Option(CompareFormat.human, "--format", help="human, json or markdown."),
+    project: ProjectOpt = None,
+    out_dir: DistOpt = None,
+    format: CompareFormatOpt = CompareFormat.human,
     html: Path = typer.Option(None, "--html", help="Write a self-contained HTML report (plots also as PNG beside it)."),
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Budget: p50 latency limit, ms."),
     max_drop: float = typer.Option(None, "--max-drop", help="Budget: accuracy drop limit vs FP32, points."),
     max_size_mb: float = typer.Option(None, "--max-size-mb", help="Budget: model size limit, MB."),
     workers: int = typer.Option(None, "--workers", help="Parallel build processes (default: min(targets, CPUs // 2))."),
     suite: str = typer.Option("standard", "--calibration-suite", help="Reference models for the estimates: standard or quick."),
-    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles; repeatable."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress view."),
+    targets_dir: TargetsDirOpt = [],
+    quiet: QuietOpt = False,
 ) -> None:
     """Compare targets: measured where possible, estimated where not, each figure labelled."""
     from edgepack.api import Budget
     from edgepack.api import compare as run_compare
 
     names = _split_targets(list(targets))
-    budget = Budget(_check_limit("--max-latency-ms", max_latency_ms), _check_limit("--max-drop", max_drop),
-                    _check_limit("--max-size-mb", max_size_mb))
+    budget = Budget(max_latency_ms=_check_limit("--max-latency-ms", max_latency_ms),
+                    max_drop=_check_limit("--max-drop", max_drop),
+                    max_size_mb=_check_limit("--max-size-mb", max_size_mb))
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
     if html is not None and html.suffix.lower() not in (".html", ".htm"):
@@ -111,22 +106,23 @@ def compare(
     view = _View(quiet)
     try:
         with stdout_to_stderr(format == CompareFormat.json):
-            result = run_compare(project, names, out_dir, list(targets_dir), budget, suite, workers, view.phase,
-                                 view.build_event)
+            result = run_compare(project_path=project, targets=names, out=out_dir, targets_dirs=list(targets_dir),
+                                 budget=budget, suite=suite, workers=workers, progress=view.phase,
+                                 on_build_event=view.build_event)
     finally:
         view.stop()
     written: dict[str, Path] = {}
     if html is not None:
         from edgepack.compare.html import write_html
 
-        written = write_html(result, html)
+        written = write_html(c=result, path=html)
     if format == CompareFormat.json:
         print_json(result.to_json() | {"report": {k: str(v) for k, v in written.items()}})
         return
     if format == CompareFormat.markdown:
         from edgepack.compare.report import to_markdown
 
-        print(to_markdown(result), end="")
+        print(to_markdown(c=result), end="")
     else:
         _human(result)
     for key, path in written.items():

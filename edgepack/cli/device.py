@@ -2,42 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from edgepack.cli.common import clean, Format, fmt, out, print_json
-
-ROOT_HELP = "Install root on this device (also $EDGEPACK_ROOT), e.g. /var/lib/edgepack/<model>."
-PUBKEY_HELP = "Trusted public key (also $EDGEPACK_PUBKEY); default: ROOT/trusted.pub when present."
+from edgepack.cli.options import DeviceIdOpt, DeviceKeyOpt, FormatOpt, PlainHttpOpt, RootOpt, RunsOpt, ThreadsOpt
 
 
 def install(
-    source: str = typer.Argument(..., help="A .edgepack file, or REGISTRY/REPO:TAG / REGISTRY/REPO@sha256:..."),
-    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
-    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
+    source: Annotated[str, typer.Argument(help="A .edgepack file, or REGISTRY/REPO:TAG / REGISTRY/REPO@sha256:...")],
+    root: RootOpt,
+    pubkey: DeviceKeyOpt = None,
     force: bool = typer.Option(False, "--force", help="Install even if the bundle's target does not match this machine, or its build "
                                                 "failed its acceptance gates."),
-    runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for the validation latency (default: the profile's)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
-    device_id: str = typer.Option(None, "--device-id", envvar="EDGEPACK_DEVICE_ID",
-                                  help="Name in status files (default: the host name)."),
+    runs: RunsOpt = None,
+    threads: ThreadsOpt = None,
+    device_id: DeviceIdOpt = None,
     keep: int = typer.Option(2, "--keep", min=2, help="Version folders to keep (current and previous at least)."),
-    plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP to the registry (default only on loopback)."),
+    plain_http: PlainHttpOpt = False,
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned",
                                         help="Install without a trusted key (unsigned or unverifiable bundles). "
                                              "Permanently for this root: create ROOT/allow-unsigned."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """Verify the signature, check the target, validate on this device, then switch `current`
     atomically. A failure leaves the active version untouched. Without a trusted key
     (--pubkey, ROOT/trusted.pub) only --allow-unsigned installs anything."""
     from edgepack.shipping.install import install as run_install
 
-    result = run_install(source, root, pubkey, force, runs, threads, device_id, True if plain_http else None, keep,
-                         allow_unsigned)
+    result = run_install(source=source, root=root, pubkey=pubkey, force=force, runs=runs, threads=threads,
+                         device_id=device_id, plain_http=True if plain_http else None, keep=keep,
+                         allow_unsigned=allow_unsigned)
     if format == Format.json:
         print_json(result)
         return
@@ -49,15 +46,15 @@ def install(
 
 
 def rollback(
-    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
-    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
-    device_id: str = typer.Option(None, "--device-id", envvar="EDGEPACK_DEVICE_ID"),
-    format: Format = typer.Option(Format.human, "--format"),
+    root: RootOpt,
+    pubkey: DeviceKeyOpt = None,
+    device_id: DeviceIdOpt = None,
+    format: FormatOpt = Format.human,
 ) -> None:
     """Make the previous version active again (and the current one the previous)."""
     from edgepack.shipping.install import rollback as run_rollback
 
-    result = run_rollback(root, pubkey, device_id)
+    result = run_rollback(root=root, pubkey=pubkey, device_id=device_id)
     if format == Format.json:
         print_json(result)
         return
@@ -67,14 +64,14 @@ def rollback(
 
 
 def status(
-    root: Path = typer.Option(..., "--root", envvar="EDGEPACK_ROOT", help=ROOT_HELP),
+    root: RootOpt,
     verify: bool = typer.Option(False, "--verify", help="Also re-check the active bundle's files against their sha256."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """The active and previous versions here, their validation results and the last attempt."""
     from edgepack.shipping.install import status as run_status
 
-    result = run_status(root, verify)
+    result = run_status(root=root, verify=verify)
     if format == Format.json:
         print_json(result)
     else:

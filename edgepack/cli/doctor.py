@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-import typer
 from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import Format, out, print_json
+from edgepack.cli.options import FormatOpt
 from edgepack.errors import EdgepackError
 
 
-def doctor(format: Format = typer.Option(Format.human, "--format")) -> None:
+def doctor(format: FormatOpt = Format.human) -> None:
     """Check each backend's toolchain (build side and runtime side) and PyTorch."""
     from edgepack.backends import get_backend, registered_backends
 

@@ -8,12 +8,13 @@ import typer
 from rich.markup import escape
 
 from edgepack.cli.common import Format, out, print_json
+from edgepack.cli.options import FormatOpt
 from edgepack.errors import ConfigError
 
 
 def build_engine(
     bundle: Path = typer.Argument(..., help="A bundle built for a TensorRT (jetson-*) target."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """Build the TensorRT engine for this device from the bundle's QDQ ONNX and cache it under its
     compatibility key (what `validate` would do first; for install scripts)."""
@@ -29,9 +30,11 @@ def build_engine(
                               hint="build-engine is for bundles of jetson-* targets")
         model_dir = opened.file(m.runtime.model_file).parent
         cfg = json.loads((model_dir / "builder.json").read_text())
-        key = dev.device_key(cfg.get("dla_core"))
-        engine, notes = dev.ensure_engine(model_dir, key, lambda o, e, t: dev.build_engine(o, e, t, cfg))
-        engine = engine if not str(engine).startswith(str(opened.root)) else dev.copy_to_cache(engine, model_dir, key)
+        key = dev.device_key(dla_core=cfg.get("dla_core"))
+        engine, notes = dev.ensure_engine(model_dir=model_dir, device=key,
+                                          build=lambda o, e, t: dev.build_engine(o, e, t, builder_cfg=cfg))
+        engine = engine if not str(engine).startswith(str(opened.root)) else \
+            dev.copy_to_cache(engine=engine, model_dir=model_dir, device=key)
     result = {"bundle": str(bundle), "key": key.folder, "engine": str(engine), "notes": notes}
     if format == Format.json:
         print_json(result)

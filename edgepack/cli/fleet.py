@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import clean, Format, fmt, out, print_json
+from edgepack.cli.options import FormatOpt
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -17,12 +18,12 @@ app = typer.Typer(no_args_is_help=True)
 def report(
     folder: Path = typer.Argument(..., help="A folder of device-status.json files gathered from devices."),
     stale_hours: float = typer.Option(24.0, "--stale-after", help="Flag reports older than this many hours."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """Print one line per device: version, validation result, previous version, last attempt."""
     from edgepack.shipping.fleet import report as run_report
 
-    r = run_report(folder, stale_hours)
+    r = run_report(folder=folder, stale_hours=stale_hours)
     if format == Format.json:
         print_json(r)
         return

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import typer
 from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import clean, Format, fmt, out, print_json
+from edgepack.cli.options import BundleArg, FormatOpt
 
 
 def inspect(
-    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
-    format: Format = typer.Option(Format.human, "--format"),
+    bundle: BundleArg,
+    format: FormatOpt = Format.human,
 ) -> None:
     """Show a bundle's manifest: source, target, stages, measurements, gates, files."""
     from edgepack.api import inspect as run_inspect
 
-    m = run_inspect(bundle)
+    m = run_inspect(bundle=bundle)
     if format == Format.json:
         print_json(m)
         return

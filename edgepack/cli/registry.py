@@ -8,8 +8,7 @@ import typer
 from rich.markup import escape
 
 from edgepack.cli.common import clean, Format, err, out, print_json
-
-PLAIN_HELP = "Talk plain HTTP (default: only to 127.0.0.1/localhost; HTTPS everywhere else)."
+from edgepack.cli.options import BundleArg, FormatOpt, PlainHttpOpt, TrustedKeyOpt
 
 
 def _plain(flag: bool) -> bool | None:
@@ -17,16 +16,16 @@ def _plain(flag: bool) -> bool | None:
 
 
 def push(
-    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
+    bundle: BundleArg,
     ref: str = typer.Argument(..., help="REGISTRY/REPO[:TAG]; the tag defaults to <version>-<target>."),
     tag: list[str] = typer.Option([], "--tag", "-t", help="Another tag for the same artifact; repeatable."),
-    plain_http: bool = typer.Option(False, "--plain-http", help=PLAIN_HELP),
-    format: Format = typer.Option(Format.human, "--format"),
+    plain_http: PlainHttpOpt = False,
+    format: FormatOpt = Format.human,
 ) -> None:
     """Upload a bundle as an OCI artifact; prints the digest to pin devices to."""
     from edgepack.shipping.registry import push as run_push
 
-    result = run_push(bundle, ref, list(tag), _plain(plain_http))
+    result = run_push(bundle=bundle, ref_text=ref, extra_tags=list(tag), plain_http=_plain(plain_http))
     if format == Format.json:
         print_json(result)
         return
@@ -46,15 +45,14 @@ def push(
 def pull(
     ref: str = typer.Argument(..., help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:..."),
     out_dir: Path = typer.Option(Path("."), "--out", "-o", help="Folder to write the bundle into."),
-    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY",
-                                help="Trusted public key: refuse unsigned, wrongly signed or modified bundles."),
-    plain_http: bool = typer.Option(False, "--plain-http", help=PLAIN_HELP),
-    format: Format = typer.Option(Format.human, "--format"),
+    pubkey: TrustedKeyOpt = None,
+    plain_http: PlainHttpOpt = False,
+    format: FormatOpt = Format.human,
 ) -> None:
     """Download a bundle; the file appears only after its digest, files and signature check out."""
     from edgepack.shipping.registry import pull as run_pull
 
-    result = run_pull(ref, out_dir, pubkey, _plain(plain_http))
+    result = run_pull(ref_text=ref, dest=out_dir, pubkey=pubkey, plain_http=_plain(plain_http))
     if format == Format.json:
         print_json(result)
         return

@@ -8,23 +8,23 @@ import typer
 from rich.markup import escape
 
 from edgepack.cli.common import clean, Format, out, print_json
+from edgepack.cli.options import BundleArg, CheckKeyOpt, FormatOpt
 
 UNSIGNED_NOTE = ("unsigned: the manifest's figures are not protected (its build id catches accidental edits only; "
                  "sign with `edgepack sign`)")
-PUBKEY_HELP = "Trusted public key (PEM); also $EDGEPACK_PUBKEY. Without it, only file integrity is checked."
 
 
 def keygen(
     out_prefix: Path = typer.Option(Path("edgepack"), "--out", "-o",
                                     help="Writes OUT.key (private, mode 0600) and OUT.pub (public)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """Make an Ed25519 key pair: the private key signs on the build machine, the public one goes to devices."""
     from edgepack.shipping.signing import generate_keypair
 
     private, public = out_prefix.with_name(out_prefix.name + ".key"), out_prefix.with_name(out_prefix.name + ".pub")
-    kid = generate_keypair(private, public, force)
+    kid = generate_keypair(private_path=private, public_path=public, force=force)
     if format == Format.json:
         print_json({"private_key": str(private), "public_key": str(public), "key_id": kid})
         return
@@ -36,12 +36,12 @@ def keygen(
 def sign(
     bundle: Path = typer.Argument(..., help="The .edgepack bundle to sign in place."),
     key: Path = typer.Option(..., "--key", "-k", help="Ed25519 private key from `edgepack keygen`."),
-    format: Format = typer.Option(Format.human, "--format"),
+    format: FormatOpt = Format.human,
 ) -> None:
     """Sign a bundle's manifest (which holds every file's sha256); re-signing replaces the signature."""
     from edgepack.shipping.signing import sign_bundle
 
-    result = sign_bundle(bundle, key)
+    result = sign_bundle(bundle=bundle, key=key)
     if format == Format.json:
         print_json(result)
         return
@@ -50,15 +50,15 @@ def sign(
 
 
 def verify(
-    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
-    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY", help=PUBKEY_HELP),
-    format: Format = typer.Option(Format.human, "--format"),
+    bundle: BundleArg,
+    pubkey: CheckKeyOpt = None,
+    format: FormatOpt = Format.human,
 ) -> None:
     """Check every file against the manifest and, with a key, the manifest against its signature.
     Runs no model (that is `edgepack validate`)."""
     from edgepack.shipping.signing import verify_bundle
 
-    result = verify_bundle(bundle, pubkey)
+    result = verify_bundle(bundle=bundle, pubkey=pubkey)
     if format == Format.json:
         print_json(result)
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
 import yaml
@@ -10,19 +9,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import Format, out, print_json
+from edgepack.cli.options import FormatOpt, TargetsDirOpt
 
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("list")
 def list_(
-    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles."),
-    format: Format = typer.Option(Format.human, "--format"),
+    targets_dir: TargetsDirOpt = [],
+    format: FormatOpt = Format.human,
 ) -> None:
     """List the known target profiles."""
     from edgepack.target import discover
 
-    found = discover(list(targets_dir))
+    found = discover(extra_dirs=list(targets_dir))
     primary = {p.name: p for p in found.values()}
     if format == Format.json:
         print_json([{"name": p.name, "aliases": p.aliases, "backend": p.backend, "precision": p.precision,
@@ -39,13 +39,13 @@ def list_(
 @app.command("show")
 def show(
     name: str = typer.Argument(..., help="Profile name or alias."),
-    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target profiles."),
-    format: Format = typer.Option(Format.human, "--format"),
+    targets_dir: TargetsDirOpt = [],
+    format: FormatOpt = Format.human,
 ) -> None:
     """Show one resolved target profile."""
     from edgepack.target import load_target
 
-    p = load_target(name, list(targets_dir))
+    p = load_target(name_or_path=name, extra_dirs=list(targets_dir))
     data = p.model_dump(mode="json")
     if format == Format.json:
         print_json(data)

@@ -14,7 +14,7 @@ def install(name: str = typer.Argument(..., help="The toolchain: onnx2tf (ONNX -
     """Create the toolchain's own virtual environment (once; it needs the package index)."""
     from edgepack.toolchains import install as run_install
 
-    exe = run_install(name, lambda msg: err.print(f"[dim]{msg}[/]"))
+    exe = run_install(name=name, progress=lambda msg: err.print(f"[dim]{msg}[/]"))
     out.print(f"{name}: {exe}")
 
 

@@ -9,21 +9,21 @@ from rich.markup import escape
 
 from edgepack.validation import share_or_na
 from edgepack.cli.common import clean, Format, out, print_json
+from edgepack.cli.options import BundleArg, FormatOpt, RunsOpt, ThreadsOpt, TrustedKeyOpt
 
 
 def validate(
-    bundle: Path = typer.Argument(..., help="The .edgepack bundle."),
+    bundle: BundleArg,
     report: Path = typer.Option(None, "--report", help="Where to write the JSON report (default: <bundle>.validation.json)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Inference threads (default: the profile's)."),
-    runs: int = typer.Option(None, "--runs", min=1, help="Timed runs for latency (default: the profile's)."),
-    format: Format = typer.Option(Format.human, "--format"),
-    pubkey: Path = typer.Option(None, "--pubkey", envvar="EDGEPACK_PUBKEY",
-                                help="Trusted public key: refuse unsigned, wrongly signed or modified bundles."),
+    threads: ThreadsOpt = None,
+    runs: RunsOpt = None,
+    format: FormatOpt = Format.human,
+    pubkey: TrustedKeyOpt = None,
 ) -> None:
     """Check integrity, reproduce the recorded outputs, measure holdout accuracy and latency here."""
     from edgepack.validation import validate as run_validate
 
-    result = run_validate(bundle, threads, report, runs, pubkey)
+    result = run_validate(bundle=bundle, threads=threads, report=report, runs=runs, pubkey=pubkey)
     if format == Format.json:
         print_json(result)
         return
