@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+# a format name: lowercase, e.g. "onnx", "openvino-ir", "qnn-context", "coreml.mlpackage"
+FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,62}$")
 
 
-class ModelFormat(str, Enum):
-    TORCH = "torch"
-    ONNX = "onnx"
-    OPENVINO_IR = "openvino-ir"
-    TFLITE = "tflite"
-    TENSORRT_ENGINE = "tensorrt-engine"
+class ModelFormat(str):
+    """A model format's name. The set is open: a backend declares its own (``produces = "qnn-context"``).
+    The formats edgepack itself makes are constants here (``ModelFormat.ONNX``). A ModelFormat is a
+    str: it equals, hashes and serialises as its name, so ``art.format == "onnx"`` and
+    ``art.format == ModelFormat.ONNX`` say the same thing."""
+
+    __slots__ = ()
+    TORCH: ClassVar[ModelFormat]
+    ONNX: ClassVar[ModelFormat]
+    OPENVINO_IR: ClassVar[ModelFormat]
+    TFLITE: ClassVar[ModelFormat]
+    TENSORRT_ENGINE: ClassVar[ModelFormat]
+
+    def __new__(cls, name: str) -> ModelFormat:
+        if isinstance(name, ModelFormat):
+            return name
+        if not isinstance(name, str) or not FORMAT_NAME.match(name):
+            raise ValueError(f"{name!r} is not a model format name: use lowercase letters, digits and "
+                             "'-', '.', '_' or '+' (e.g. 'onnx', 'qnn-context')")
+        return super().__new__(cls, name)
+
+    @property
+    def value(self) -> str:
+        """The name as a plain str (the spelling from when formats were an Enum)."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"ModelFormat({str.__repr__(self)})"
+
+
+ModelFormat.TORCH = ModelFormat("torch")
+ModelFormat.ONNX = ModelFormat("onnx")
+ModelFormat.OPENVINO_IR = ModelFormat("openvino-ir")
+ModelFormat.TFLITE = ModelFormat("tflite")
+ModelFormat.TENSORRT_ENGINE = ModelFormat("tensorrt-engine")
 
 
 @dataclass(frozen=True)
@@ -87,9 +119,11 @@ def digest_paths(paths: list[Path], root: Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class ModelArtifact:
-    """A model on disk: its format, its main file, its companion files and their digest."""
+    """A model on disk: its format, its main file, its companion files and their digest.
 
-    format: ModelFormat
+    ``format`` is any format name (a str); it is kept as a :class:`ModelFormat`."""
+
+    format: str
     path: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -97,6 +131,9 @@ class ModelArtifact:
     lineage: tuple[StageRecord, ...] = ()
     precision: str = "fp32"
     details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", ModelFormat(self.format))
 
     @property
     def all_files(self) -> tuple[Path, ...]:
