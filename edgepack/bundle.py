@@ -9,28 +9,19 @@ import errno
 import hashlib
 import json
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import digest_paths, sha256_file
 from edgepack.errors import BundleError, ConfigError, DiskFullError
-
-# 2: build_id also covers manifest.json's own content (every field but build_id)
-SCHEMA_VERSION = 2
-MANIFEST = "manifest.json"
-# A detached signature over manifest.json's exact bytes (edgepack/shipping/signing.py). The manifest
-# cannot list its own signature, so this one root file is the only one allowed outside the listing.
-SIGNATURE = "signature.json"
-SUFFIX = ".edgepack"
+from edgepack.manifest import (MANIFEST, SCHEMA_VERSION, SIGNATURE, SUFFIX, Acceptance, FileEntry, Manifest, Measured,
+                               Measurements, Runtime, Source, Validation, manifest_schema, safe_member_path)
 
 # What an archive may hold before anything is written (see read_archive). A bundle is a plain tar:
 # its members cannot unpack to more bytes than the archive has, and each member's size must be the
@@ -42,163 +33,6 @@ MAX_BYTES_ENV = "EDGEPACK_MAX_BUNDLE_BYTES"
 DEFAULT_MAX_BYTES = 16 << 30
 # free space kept on the destination's file system beyond what the bundle needs
 DISK_MARGIN_BYTES = 16 << 20
-
-# Manifest fields that name folders on a device (`<name>-<version>-<target>-<build12>`): no separators,
-# no `..`, no control characters. The same patterns are enforced on the project file and profiles.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$"
-TARGET_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
-
-
-def safe_member_path(path: str) -> str | None:
-    """``path`` as a normalised relative POSIX path inside a bundle, or None when it is not one
-    (absolute, `..`, backslashes, empty parts, control characters)."""
-    if not isinstance(path, str) or not path or len(path) > 512 or "\\" in path:
-        return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        return None
-    while path.startswith("./"):
-        path = path[2:]
-    path = path.rstrip("/")
-    if not path or path.startswith("/") or posixpath.normpath(path) != path:
-        return None
-    if any(part in ("", ".", "..") for part in path.split("/")):
-        return None
-    return path
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FileEntry(Strict):
-    path: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
-
-    @field_validator("path")
-    @classmethod
-    def _inside(cls, v: str) -> str:
-        if safe_member_path(v) != v or v in (MANIFEST, SIGNATURE):
-            raise ValueError(f"'{v[:80]}' is not a relative path inside the bundle")
-        return v
-
-
-class Source(Strict):
-    kind: str
-    path: str
-    digest: str = Field(description="sha256 of the source model file(s)")
-    weights_digest: str | None = None
-    project_digest: str | None = Field(default=None, description="sha256 of the project file (edgepack.yaml) content")
-
-
-class Runtime(Strict):
-    backend: str
-    runtime_package: str
-    format: str
-    precision: str
-    model_file: str = Field(description="path of the main model file inside the bundle")
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    io: dict[str, Any] | None = Field(default=None, description="how the device feeds the model when it differs "
-                                      "from `inputs`/`outputs`: layout (e.g. NHWC), dtype and quantization of each tensor")
-
-
-class Measured(Strict):
-    """Figures for one model, all taken in the same run on the same data and threads."""
-
-    model: str = Field(description="what was measured, e.g. 'fp32 reference (onnxruntime)'")
-    runtime: str
-    proxy: str | None = Field(default=None, description="set when a host runtime stood in for the device's")
-    accuracy: dict[str, Any] | None = None
-    latency: dict[str, Any]
-    latency_by_shape: list[dict[str, Any]] | None = Field(
-        default=None, description="latency at the representative sizes of symbolic dims (dims.NAME.measure), "
-                                  "same runtime and threads as `latency`")
-    size: dict[str, Any]
-    peak_memory: dict[str, Any]
-
-
-class Measurements(Strict):
-    reference: Measured
-    compiled: Measured
-    target_fp32: dict[str, Any] | None = Field(
-        default=None, description="latency of the FP32 model on the target's own runtime, when it is not the reference's")
-    comparison: dict[str, Any] = Field(description="ratios derived from the two figures above")
-    data: dict[str, Any] = Field(description="the evaluation and latency inputs: source, sample count, fingerprint")
-    device: dict[str, Any] = Field(description="what was and was not measured on the target device itself")
-
-
-class Acceptance(Strict):
-    passed: bool
-    gates: dict[str, Any]
-    results: list[dict[str, Any]]
-    reasons: list[str]
-
-
-class Validation(Strict):
-    inputs_file: str
-    outputs_file: str
-    holdout_file: str | None
-    samples: int
-    holdout_samples: int
-    tolerance: dict[str, Any]
-
-
-class Manifest(Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
-    name: str = Field(pattern=NAME_PATTERN)
-    version: str = Field(pattern=VERSION_PATTERN)
-    target: str = Field(pattern=TARGET_PATTERN)
-    build_id: str = Field(pattern=DIGEST_PATTERN,
-                          description="sha256 over every file's path and sha256 and over this manifest's other "
-                                      "fields: a seal against accidental edits, not a signature (anyone can "
-                                      "recompute it; `edgepack sign` protects a bundle)")
-    created_at: str
-    edgepack_version: str
-    toolchain: dict[str, str]
-    source: Source
-    profile: dict[str, Any] = Field(description="the resolved target profile")
-    runtime: Runtime
-    stages: list[dict[str, Any]]
-    files: list[FileEntry]
-    calibration: dict[str, Any]
-    measurements: Measurements
-    acceptance: Acceptance
-    validation: Validation
-    preprocess: dict[str, Any] | None
-    labels: list[str] | None
-    tuning: dict[str, Any] | None = Field(default=None, description="the accuracy-budget search, when it ran")
-    warnings: list[str] = Field(default_factory=list)
-    prune: dict[str, Any] | None = Field(default=None, description="the prune stage: counts, accuracy, latency effect")
-    conversion: dict[str, Any] | None = Field(default=None, description="what the converter produced: quantization "
-                                              "level reached and why, and the float-op report")
-    text: dict[str, Any] | None = Field(default=None, description="text models: the bundled tokenizer, max sequence "
-                                                                  "length, padding; how text becomes inputs")
-    coverage: dict[str, Any] | None = Field(
-        default=None, description="quantization coverage of the compiled model (ONNX QDQ, OpenVINO IR): the share of "
-                                  "weighted ops and of MACs that run in INT8, subgraphs included, and the ops that do not")
-
-    @model_validator(mode="after")
-    def _paths_are_listed(self) -> "Manifest":
-        """Every path the manifest points at is a listed file of the bundle; no file is listed twice."""
-        listed = [f.path for f in self.files]
-        if len(set(listed)) != len(listed):
-            raise ValueError("a file is listed twice in 'files'")
-        pointers = {"runtime.model_file": self.runtime.model_file, "validation.inputs_file": self.validation.inputs_file,
-                    "validation.outputs_file": self.validation.outputs_file}
-        if self.validation.holdout_file is not None:
-            pointers["validation.holdout_file"] = self.validation.holdout_file
-        if self.text is not None:
-            pointers["text.tokenizer"] = self.text.get("tokenizer")
-            for i, f in enumerate(self.text.get("files") or []):
-                pointers[f"text.files.{i}"] = f
-        for key, value in pointers.items():
-            if not isinstance(value, str) or value not in listed:
-                raise ValueError(f"{key} {str(value)[:80]!r} is not a file listed in the bundle")
-        return self
-
 
 def bundle_name(name: str, version: str, target: str) -> str:
     return f"{name}-{version}-{target}{SUFFIX}"
@@ -495,8 +329,7 @@ def verify_files(root: Path, manifest: Manifest, where: str) -> None:
                           hint="fetch the bundle again from its publisher; do not edit a bundle")
 
 
-def manifest_schema() -> dict[str, Any]:
-    schema = Manifest.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://edgepack.dev/schemas/manifest-2.json"
-    return schema
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "SUFFIX", "Acceptance", "FileEntry", "Manifest", "Measured",
+           "Measurements", "OpenedBundle", "Runtime", "Source", "Validation", "bundle_name", "content_digest",
+           "file_entries", "manifest_schema", "open_bundle", "parse_manifest", "read_archive", "read_manifest_json",
+           "safe_member_path", "seal", "verify_files", "write_bundle"]

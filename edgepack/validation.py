@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.errors import BundleError, ValidationError
+from edgepack.target import Measurement
 
 VALIDATION_SAMPLES = 200
 HOLDOUT_SAMPLES = 300
@@ -120,6 +122,16 @@ def _text_holdout(runner, bundle_root: Path, manifest) -> dict[str, Any]:
             "note": "labelled evaluation texts shipped in the bundle, tokenized with the bundled tokenizer.json"}
 
 
+def _measurement(raw: Any, bundle: Path) -> Measurement:
+    """How the build measured (the profile's measurement block, its defaults where the bundle has none)."""
+    try:
+        return Measurement.model_validate(raw if raw is not None else {})
+    except PydanticValidationError as e:
+        first = e.errors()[0]
+        raise BundleError(f"{bundle}: manifest profile.measurement is invalid at "
+                          f"'{'.'.join(str(p) for p in first['loc'])[:80]}': {first['msg'][:200]}") from e
+
+
 def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None,
              pubkey: Path | None = None) -> dict:
     """Validate a bundle on this machine. Writes the report and raises ValidationError on failure.
@@ -139,15 +151,14 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
             signature = verify_signature(opened.root, pubkey, str(bundle))
         backend = get_backend(m.runtime.backend)
         versions = backend.check_environment(compile=False)
-        meas = m.profile.get("measurement", {})
-        threads = threads or meas.get("threads", 2)
+        meas = _measurement(m.profile.get("measurement"), bundle)
+        threads = threads or meas.threads
         runner = backend.load(opened.file(m.runtime.model_file), threads)
         golden = _golden(runner, opened.root, m)
         holdout = _holdout(runner, opened.root, m)
         ins = np.load(opened.file(m.validation.inputs_file))
         sample = {i["name"]: ins[i["name"]][0] for i in m.runtime.inputs}
-        latency = measure_latency(runner, sample, meas.get("warmup_runs", 10), runs or meas.get("runs", 100),
-                                  meas.get("max_seconds", 30.0), threads)
+        latency = measure_latency(runner, sample, meas.warmup_runs, runs or meas.runs, meas.max_seconds, threads)
     built = m.measurements.compiled
     result = {
         "bundle": str(bundle), "name": m.name, "version": m.version, "target": m.target, "build_id": m.build_id,
@@ -156,20 +167,20 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         "integrity": {"passed": True, "files_checked": len(m.files)},
         "signature": signature,
         "golden": golden,
-        "holdout": holdout | {"build_value": built.accuracy["value"] if built.accuracy else None,
-                              "build_samples": built.accuracy.get("samples") if built.accuracy else None,
+        "holdout": holdout | {"build_value": built.accuracy.value if built.accuracy else None,
+                              "build_samples": built.accuracy.samples if built.accuracy else None,
                               "build_note": "the build scored its whole evaluation set; the holdout is the subset "
                                             "shipped in the bundle"} if holdout else None,
-        "latency": latency | {"build_p50_ms": built.latency["p50_ms"],
-                              "ratio_to_build": round(latency["p50_ms"] / built.latency["p50_ms"], 3)
-                              if built.latency.get("p50_ms") else None,
+        "latency": latency | {"build_p50_ms": built.latency.p50_ms,
+                              "ratio_to_build": round(latency["p50_ms"] / built.latency.p50_ms, 3)
+                              if built.latency.p50_ms else None,
                               "ratio_note": "this machine's p50 over the manifest's (same model, same threads and "
                                             "batch; > 1 means slower here)"},
         "fp32_comparison": {"measured_here": False,
                             "why": "the FP32 model is not shipped in the bundle, so it cannot be timed on this machine",
-                            "build_speedup_p50": m.measurements.comparison.get("speedup_p50"),
-                            "build_noisy": m.measurements.comparison.get("noisy"),
-                            "build_where": built.latency.get("where", {}).get("cpu"),
+                            "build_speedup_p50": m.measurements.comparison.speedup_p50,
+                            "build_noisy": m.measurements.comparison.noisy,
+                            "build_where": built.latency.where.get("cpu"),
                             "note": "the compiled model's speed-up over FP32 as the build timed them in turn on its "
                                     "host"},
         "passed": golden["passed"] and (holdout or {}).get("tokenizer_check", {}).get("passed", True),

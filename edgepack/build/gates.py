@@ -30,13 +30,13 @@ def comparison(ref: Measured, got: Measured, target_fp32: dict[str, Any] | None 
             out["noisy"] = in_turn["noise"]["noisy"]
             out["in_turn"] = in_turn
         else:
-            out["speedup_p50"] = round(ref.latency["p50_ms"] / got.latency["p50_ms"], 3)
-            out["speedup_p90"] = round(ref.latency["p90_ms"] / got.latency["p90_ms"], 3)
+            out["speedup_p50"] = round(ref.latency.p50_ms / got.latency.p50_ms, 3)
+            out["speedup_p90"] = round(ref.latency.p90_ms / got.latency.p90_ms, 3)
             if target_fp32:
-                out["speedup_p50_vs_target_fp32"] = round(target_fp32["latency"]["p50_ms"] / got.latency["p50_ms"], 3)
-    out["size_ratio"] = round(got.size["bytes"] / ref.size["bytes"], 4)
-    if ref.peak_memory.get("measured") and got.peak_memory.get("measured") and ref.peak_memory["peak_mb"] > 0:
-        out["peak_memory_ratio"] = round(got.peak_memory["peak_mb"] / ref.peak_memory["peak_mb"], 3)
+                out["speedup_p50_vs_target_fp32"] = round(target_fp32["latency"]["p50_ms"] / got.latency.p50_ms, 3)
+    out["size_ratio"] = round(got.size.bytes / ref.size.bytes, 4)
+    if ref.peak_memory.measured and got.peak_memory.measured and ref.peak_memory.peak_mb > 0:
+        out["peak_memory_ratio"] = round(got.peak_memory.peak_mb / ref.peak_memory.peak_mb, 3)
     return out
 
 
@@ -47,16 +47,16 @@ def gates(project: Project, profile: TargetProfile, ref: Measured, got: Measured
     if "max_accuracy_drop" in gates:
         lost = round(drop(ref.accuracy, got.accuracy), 3)
         ok = lost <= gates["max_accuracy_drop"] + 1e-9
-        what = f"{got.accuracy['metric']} on output '{got.accuracy['output']}'" if "output" in got.accuracy \
-            else got.accuracy["metric"]
+        what = f"{got.accuracy.metric} on output '{got.accuracy.output}'" if got.accuracy.output is not None \
+            else got.accuracy.metric
         results.append({"gate": "max_accuracy_drop", "limit": gates["max_accuracy_drop"], "value": lost,
-                        "unit": "points" if got.accuracy.get("higher_is_better", True) else "metric units (rise)",
+                        "unit": "points" if got.accuracy.higher_is_better else "metric units (rise)",
                         "metric": what, "passed": ok})
         if not ok:
             reasons.append(f"accuracy dropped {lost:.2f} points ({what}), "
                            f"more than max_accuracy_drop {gates['max_accuracy_drop']}")
     if "max_relative_accuracy_drop" in gates:
-        rel = round(drop(ref.accuracy, got.accuracy) / max(abs(ref.accuracy["value"]), 1e-9), 5)
+        rel = round(drop(ref.accuracy, got.accuracy) / max(abs(ref.accuracy.value), 1e-9), 5)
         ok = rel <= gates["max_relative_accuracy_drop"] + 1e-9
         results.append({"gate": "max_relative_accuracy_drop", "limit": gates["max_relative_accuracy_drop"],
                         "value": rel, "unit": "fraction of the FP32 figure", "passed": ok})
@@ -64,14 +64,14 @@ def gates(project: Project, profile: TargetProfile, ref: Measured, got: Measured
             reasons.append(f"accuracy dropped {rel:.2%} of the FP32 figure, more than max_relative_accuracy_drop "
                            f"{gates['max_relative_accuracy_drop']:.2%}")
     if "max_latency_ms_p90" in gates:
-        p90 = got.latency["p90_ms"]
+        p90 = got.latency.p90_ms
         ok = p90 <= gates["max_latency_ms_p90"]
         results.append({"gate": "max_latency_ms_p90", "limit": gates["max_latency_ms_p90"], "value": p90,
                         "unit": "ms", "passed": ok, "where": "host"})
         if not ok:
             reasons.append(f"p90 latency {p90:.3f} ms exceeds max_latency_ms_p90 {gates['max_latency_ms_p90']}")
     if "max_size_mb" in gates:
-        mb = round(got.size["bytes"] / 1e6, 4)
+        mb = round(got.size.bytes / 1e6, 4)
         ok = mb <= gates["max_size_mb"]
         results.append({"gate": "max_size_mb", "limit": gates["max_size_mb"], "value": mb, "unit": "MB (10^6 bytes)",
                         "passed": ok})

@@ -60,7 +60,7 @@ def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: Targ
             if e.metric == "top1" and project.labels is None:  # no class list: the output width is it
                 check_label_classes(ctx.evaluation, int(outputs[0][e.index].shape[-1]), f"the model's output '{e.output}'")
         measured.accuracy = acc.score(ctx.metric_plan, outputs, labels, outputs)
-        st.detail = f"{ctx.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+        st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
     ctx.references[key] = Reference(measured, outputs)
     return ctx.references[key]
 

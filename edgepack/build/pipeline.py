@@ -126,7 +126,7 @@ def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
         measured, outputs = measure(ctx, backend, compiled.path, list(compiled.all_files), staging, threads, profile,
                                     f"compiled: {precision_label(compiled, profile)} on {backend.name}")
         measured.accuracy = trials.score(outputs)
-        st.detail = f"{ctx.metric} {measured.accuracy['value']:.2f}, p50 {measured.latency['p50_ms']:.3f} ms"
+        st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
     prune = None
     if ctx.prune is not None:
         with Stage(progress, f"measure unpruned {profile.name}") as st:

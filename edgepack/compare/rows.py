@@ -124,36 +124,36 @@ def _row(plan: Plan, counts: GraphCounts | None, cals: dict[str, tuple[Calibrati
     m = plan.manifest
     if m is not None:
         mm, got = m.measurements, m.measurements.compiled
-        where = f"host: {got.latency['where']['cpu']}"
+        where = f"host: {got.latency.where['cpu']}"
         acc_src = got.proxy if got.proxy else f"measured ({where})"
-        row.metric = mm.data.get("metric")
+        row.metric = mm.data.metric
         if got.accuracy:
-            row.accuracy = Cell(got.accuracy["value"], acc_src)
+            row.accuracy = Cell(got.accuracy.value, acc_src)
         if mm.reference.accuracy:
-            row.fp32_accuracy = Cell(mm.reference.accuracy["value"], f"measured ({where}, FP32 onnxruntime)")
-        if mm.comparison.get("accuracy_delta_points") is not None:
-            row.accuracy_delta = Cell(mm.comparison["accuracy_delta_points"], acc_src)
+            row.fp32_accuracy = Cell(mm.reference.accuracy.value, f"measured ({where}, FP32 onnxruntime)")
+        if mm.comparison.accuracy_delta_points is not None:
+            row.accuracy_delta = Cell(mm.comparison.accuracy_delta_points, acc_src)
         note = "QDQ ONNX in the bundle; the TensorRT engine is built on the device" if prof.backend == "tensorrt" else None
-        row.size_mb = Cell(round(got.size["bytes"] / 1e6, 4), "bundle", note)
+        row.size_mb = Cell(round(got.size.bytes / 1e6, 4), "bundle", note)
         pm = got.peak_memory
         on_device = plan.host_class and not got.proxy
         row.peak_memory_mb = (Cell(pm["peak_mb"], f"measured ({where})" if on_device else f"measured on the host, "
                                    f"not the device ({got.proxy or got.runtime})")
                               if pm.get("measured") else Cell(None, "n/a", pm.get("reason")))
-        if mm.comparison.get("noisy"):  # the build's in-turn timing never settled: say so beside its figures
-            row.details["noisy"] = mm.comparison["in_turn"]["noise"]
+        if mm.comparison.noisy:  # the build's in-turn timing never settled: say so beside its figures
+            row.details["noisy"] = mm.comparison.in_turn["noise"]
             row.reason = ("latency measured on a noisy host (ratios between models timed in turn spread by "
-                          f"{mm.comparison['in_turn']['noise']['checks'][-1]['worst']:.0%}): treat as approximate")
+                          f"{mm.comparison.in_turn['noise']['checks'][-1]['worst']:.0%}): treat as approximate")
         if on_device:
             row.status = "measured"
-            _latency_cells(row, got.latency["p50_ms"], got.latency["p90_ms"], f"measured ({where})", batch)
+            _latency_cells(row, got.latency.p50_ms, got.latency.p90_ms, f"measured ({where})", batch)
             if counts is not None and prof.backend in cals:
                 host_est, _ = estimate_for(counts, prof, cal, peaks_from(cals[prof.backend][1], prof.precision))
                 row.estimate = host_est
-                row.estimate_error_pct = error_pct(host_est["p50_ms"], got.latency["p50_ms"]) if host_est else None
+                row.estimate_error_pct = error_pct(host_est["p50_ms"], got.latency.p50_ms) if host_est else None
             return row
         row.status = "estimated"
-        row.details["host_latency"] = {"p50_ms": got.latency["p50_ms"], "p90_ms": got.latency["p90_ms"],
+        row.details["host_latency"] = {"p50_ms": got.latency.p50_ms, "p90_ms": got.latency.p90_ms,
                                        "runtime": got.proxy or got.runtime, "where": where,
                                        "note": "the host's figure, not the device's"}
         row.reason = ((f"accuracy from the {got.proxy}; its latency is not the device's: latency is an estimate"
@@ -224,9 +224,9 @@ def assemble(resolved: Resolved, plans: list[Plan], out: Path, work: Path, suite
     fp32 = NA
     metric = None
     if ref is not None and ref.measurements.reference.accuracy:
-        where = ref.measurements.reference.latency["where"]["cpu"]
-        fp32 = Cell(ref.measurements.reference.accuracy["value"], f"measured (host: {where}, FP32 onnxruntime)")
-        metric = ref.measurements.data.get("metric")
+        where = ref.measurements.reference.latency.where["cpu"]
+        fp32 = Cell(ref.measurements.reference.accuracy.value, f"measured (host: {where}, FP32 onnxruntime)")
+        metric = ref.measurements.data.metric
     rows = [_row(p, counts, cals, fp32, metric) for p in plans]
     summary, cheapest = apply_budget(rows, budget)
     cal_json = [c.to_json() | {"host_peaks": how} for c, how in cals.values()]

@@ -53,9 +53,9 @@ def reusable(manifest: Manifest, source: Source, profile: TargetProfile, fingerp
         return "the target profile changed"
     if manifest.calibration.get("fingerprint") != fingerprints.get("calibration"):
         return "the calibration data changed"
-    if manifest.measurements.data.get("evaluation", {}).get("fingerprint") != fingerprints.get("evaluation"):
+    if manifest.measurements.data.evaluation.get("fingerprint") != fingerprints.get("evaluation"):
         return "the evaluation data changed"
-    where, here = manifest.measurements.compiled.latency.get("where", {}), host_info()
+    where, here = manifest.measurements.compiled.latency.where, host_info()
     if any(where.get(k) != here[k] for k in ("cpu", "isa", "logical_cpus")):
         return f"it was measured on another machine ({where.get('cpu')}, {where.get('logical_cpus')} CPUs)"
     return None
