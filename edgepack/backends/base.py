@@ -1,10 +1,16 @@
 """The Backend contract. A backend both compiles and runs its output, so loading, measuring and
-validating never need a second dispatch switch. Backends import their toolchain lazily."""
+validating never need a second dispatch switch. Backends import their toolchain lazily.
+
+Every backend, the built-in ones too, is found through the ``edgepack.backends`` entry point group:
+a new backend is its module, its profiles, its contract test and one entry-point line. What shared
+code needs to know about a backend (the format it writes, the packages whose versions the manifest
+records, how it describes its conversion, whether a bundle fits this machine) it asks the class."""
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from contextlib import suppress
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -17,13 +23,6 @@ from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.errors import ConfigError, MissingDependencyError, did_you_mean
 
 ENTRY_POINT_GROUP = "edgepack.backends"
-# Used when edgepack runs from a source tree without installed metadata.
-BUILTIN = {
-    "onnxruntime": "edgepack.backends.onnxruntime:ONNXRuntimeBackend",
-    "openvino": "edgepack.backends.openvino:OpenVINOBackend",
-    "tensorrt": "edgepack.backends.tensorrt:TensorRTBackend",
-    "tflite": "edgepack.backends.tflite:TFLiteBackend",
-}
 
 
 class Runner(Protocol):
@@ -35,13 +34,23 @@ class Runner(Protocol):
 
 
 class Backend(ABC):
+    # the registry key (the entry point's name) and what profiles write as `backend:`
     name: ClassVar[str]
-    produces: ClassVar[ModelFormat]
+    # the format name of what compile() writes: a ModelFormat constant or the backend's own ("qnn-context")
+    produces: ClassVar[str]
     # what compile() reads: the exported ONNX (most backends) or a torch.export program (model.pt2)
-    consumes: ClassVar[ModelFormat] = ModelFormat.ONNX
+    consumes: ClassVar[str] = ModelFormat.ONNX
+    # the pip extra that installs the toolchain: `pip install 'edgepack[<extra>]'`
     extra: ClassVar[str]
+    # the distribution that runs the compiled model on the device
     runtime_package: ClassVar[str]
+    # what a profile's `precision` may say for this backend (any lowercase names: "int8", "w8a16")
     precisions: ClassVar[tuple[str, ...]]
+    # distributions whose installed versions go into the manifest's toolchain record (with runtime_package)
+    packages: ClassVar[tuple[str, ...]] = ()
+    # what a profile's quantization.activation_type / weight_type may say for this backend
+    activation_types: ClassVar[tuple[str, ...]] = ("int8",)
+    weight_types: ClassVar[tuple[str, ...]] = ("int8",)
     # activation range methods `quantization.calibration_method` may name (tried by accuracy tuning)
     calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile")
     # quantization levels, most integer first, that the build falls back along when one fails to
@@ -64,6 +73,19 @@ class Backend(ABC):
                 ) from e
             raise ConfigError(f"{where}: backend option '{key}': {first['msg']}") from e
 
+    def check_profile(self, profile: Any) -> None:
+        """Raise ConfigError when the profile asks for a precision or tensor type this backend does
+        not offer (profiles only check that these are well-formed names)."""
+        asked = (("precision", profile.precision, self.precisions),
+                 ("quantization.activation_type", profile.quantization.activation_type, self.activation_types),
+                 ("quantization.weight_type", profile.quantization.weight_type, self.weight_types))
+        for key, value, offered in asked:
+            if value not in offered:
+                what = "precision" if key == "precision" else key.split(".")[1].replace("_", " ")
+                raise ConfigError(f"{profile.source}: {what} '{value}' is not supported by backend "
+                                  f"'{self.name}' (it supports {', '.join(offered)})",
+                                  hint=f"key '{key}': {did_you_mean(value, offered)}")
+
     def _import(self, module: str, purpose: str) -> Any:
         try:
             return importlib.import_module(module)
@@ -73,6 +95,29 @@ class Backend(ABC):
     @abstractmethod
     def check_environment(self, compile: bool = True) -> dict[str, str]:
         """Toolchain versions; raise MissingDependencyError when something needed is absent."""
+
+    def versions(self, compile: bool = True) -> dict[str, str]:
+        """What the manifest's toolchain record holds for this backend: the installed versions of
+        ``runtime_package`` and ``packages``, then what :meth:`check_environment` reports."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        found: dict[str, str] = {}
+        for pkg in dict.fromkeys((self.runtime_package, *self.packages)):
+            with suppress(PackageNotFoundError):
+                found[pkg] = version(pkg)
+        return found | self.check_environment(compile)
+
+    def describe_conversion(self, manifest: Any) -> list[str]:
+        """Lines `edgepack build` and `inspect` print about the bundle's conversion (what the
+        converter left in float, for example); ``manifest`` is a Manifest or its JSON dict."""
+        return []
+
+    def check_host(self, manifest: Any, host: Any) -> list[str]:
+        """Why this machine cannot run the bundle, as problem sentences (empty: nothing known
+        against it). ``host`` is an :class:`edgepack.shipping.device.Host`; `install` refuses the
+        bundle when a problem is returned (``--force`` overrides). The CPU architecture check is
+        shared and done already."""
+        return []
 
     @abstractmethod
     def compile(self, model: ModelArtifact, target: Any, options: BaseModel, calibration: Any,
@@ -89,17 +134,26 @@ class Backend(ABC):
         return self.load(path, threads), None
 
 
+def manifest_field(manifest: Any, key: str, default: Any = None) -> Any:
+    """A top-level manifest field, as JSON data (dicts, lists, str...), from a Manifest object or its
+    JSON dict: backends read bundles made by any edgepack version the same way."""
+    value = manifest.get(key, default) if isinstance(manifest, dict) else getattr(manifest, key, default)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 def registered_backends() -> dict[str, str]:
-    found = dict(BUILTIN)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
+    """Backend name -> "module:Class", from the installed entry points."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def get_backend(name: str, needed_by: str | None = None) -> Backend:
     """The backend registered as ``name``; ``needed_by`` (e.g. "target 'rpi5' (rpi5.yaml)") names who asked."""
     known = registered_backends()
     if name not in known:
+        if not known:
+            raise ConfigError(f"unknown backend '{name}': no backend is registered at all",
+                              hint="edgepack's entry points are missing: install it with `pip install -e .` "
+                                   "(or pip install edgepack), not by putting the source on PYTHONPATH")
         if needed_by is None:
             raise ConfigError(f"unknown backend '{name}'", hint=did_you_mean(name, known))
         raise ConfigError(f"{needed_by} needs backend '{name}', which is not available in this edgepack "
@@ -107,5 +161,20 @@ def get_backend(name: str, needed_by: str | None = None) -> Backend:
                           hint=f"installed backends: {', '.join(sorted(known))}; "
                                "`edgepack compare` can still estimate this target")
     module, _, attr = known[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"backend '{name}' is registered as {known[name]}, which cannot be loaded: {e}",
+                          hint="reinstall the package that provides it, or uninstall it") from e
     return cls()
+
+
+def describe_conversion(manifest: Any) -> list[str]:
+    """What the bundle's own backend says about its conversion; nothing when that backend is not
+    installed here (a bundle made elsewhere can still be inspected)."""
+    name = (manifest_field(manifest, "runtime") or {}).get("backend")
+    try:
+        backend = get_backend(str(name))
+    except ConfigError:
+        return []
+    return backend.describe_conversion(manifest)

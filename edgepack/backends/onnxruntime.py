@@ -59,10 +59,13 @@ class ORTRunner:
 
 class ONNXRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
-    produces: ClassVar[ModelFormat] = ModelFormat.ONNX
+    produces: ClassVar[str] = ModelFormat.ONNX
     extra: ClassVar[str] = "onnx"
     runtime_package: ClassVar[str] = "onnxruntime"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
+    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
+    # U8S8 (uint8 activations, int8 weights) is MLAS's fast path on AVX2 without VNNI
+    activation_types: ClassVar[tuple[str, ...]] = ("int8", "uint8")
 
     class Options(Backend.Options):
         quant_format: Literal["qdq"] = "qdq"
@@ -93,6 +96,7 @@ class ONNXRuntimeBackend(Backend):
             out = workdir / model.path.name
             return model.derive("compile", {"backend": self.name, "precision": "fp32"}, started,
                                 path=out, files=tuple(files), precision="fp32")
+        self.check_profile(target)  # quantize_qdq knows int8 and uint8 activations only
         self._import("onnxruntime.quantization", "ONNX Runtime quantization")
         from edgepack.stages import quantize_qdq
 

@@ -62,10 +62,11 @@ class OVRunner:
 
 class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
-    produces: ClassVar[ModelFormat] = ModelFormat.OPENVINO_IR
+    produces: ClassVar[str] = ModelFormat.OPENVINO_IR
     extra: ClassVar[str] = "openvino"
     runtime_package: ClassVar[str] = "openvino"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    packages: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
 
     class Options(Backend.Options):
         preset: Literal["performance", "mixed"] = "performance"

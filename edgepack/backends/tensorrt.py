@@ -108,10 +108,12 @@ def trtexec_command(cfg: dict[str, Any]) -> str:
 
 class TensorRTBackend(Backend):
     name: ClassVar[str] = "tensorrt"
-    produces: ClassVar[ModelFormat] = ModelFormat.ONNX
+    produces: ClassVar[str] = ModelFormat.ONNX
     extra: ClassVar[str] = "tensorrt"
     runtime_package: ClassVar[str] = "tensorrt"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    # the build quantizes with ONNX Runtime; the engine is built on the device
+    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
 
     class Options(Backend.Options):
         workspace_mb: int = Field(default=1024, gt=0)
@@ -145,6 +147,21 @@ class TensorRTBackend(Backend):
 
         ort = self._import("onnxruntime", "ONNX Runtime host proxy")
         return ORTRunner(ort, path, threads), PROXY_LABEL
+
+    def check_host(self, manifest: Any, host: Any) -> list[str]:
+        """A Jetson bundle needs an L4T system; any TensorRT bundle needs TensorRT installed."""
+        from edgepack.backends.base import manifest_field
+        from edgepack.backends.tensorrt_device import TEGRA_RELEASE
+
+        target = str(manifest_field(manifest, "target", ""))
+        device = (manifest_field(manifest, "profile") or {}).get("device", {})
+        name = f"'{target}' ({device.get('name', 'unknown device')})"
+        if ("l4t" in (device.get("software") or {}) or "jetson" in target) and not getattr(host, "l4t", False):
+            return [f"the bundle is for {name}, a Jetson, and this machine ({host.machine}) is not one "
+                    f"(no {TEGRA_RELEASE})"]
+        if not getattr(host, "tensorrt", False):
+            return [f"the bundle is for {name} and runs on TensorRT, which is not installed here"]
+        return []
 
     def compile(self, model: ModelArtifact, target: Any, options: BaseModel, calibration: Any,
                 workdir: Path) -> ModelArtifact:

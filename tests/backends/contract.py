@@ -1,7 +1,9 @@
 """The contract every backend passes: compile a tiny model, load it, run it, match the ONNX Runtime
 FP32 reference within the stated tolerance; reject bad options; missing toolchain -> MissingDependencyError.
 
-A backend's test module subclasses :class:`BackendContract` and sets ``backend_name`` and ``target``.
+A backend's test module subclasses :class:`BackendContract` and sets ``backend_name`` and ``target``
+(a profile name, or the path of a profile the backend ships with its tests). Precisions the backend does
+not offer are skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
+from edgepack.artifact import FORMAT_NAME, ModelArtifact, TensorSpec
 from edgepack.backends import get_backend
 from edgepack.calibration.reader import SampleSet
 from edgepack.errors import ConfigError, MissingDependencyError
@@ -63,12 +65,19 @@ class BackendContract:
     def test_declares_itself(self):
         backend = get_backend(self.backend_name)
         assert backend.name == self.backend_name
-        assert isinstance(backend.produces, ModelFormat) and backend.extra and backend.precisions
-        assert backend.check_environment(compile=True)
+        assert isinstance(backend.produces, str) and FORMAT_NAME.match(backend.produces), backend.produces
+        assert backend.extra and backend.runtime_package and backend.precisions
+        assert all(isinstance(p, str) for p in backend.packages)
+        env = backend.check_environment(compile=True)
+        assert env
+        versions = backend.versions(compile=True)  # what the manifest's toolchain record gets
+        assert set(env) <= set(versions) and all(isinstance(v, str) for v in versions.values())
 
     @pytest.mark.parametrize("precision", ["fp32", "int8"])
     def test_compiles_loads_runs_and_matches_the_fp32_reference(self, exported, tmp_path, precision):
         backend = get_backend(self.backend_name)
+        if precision not in backend.precisions:
+            pytest.skip(f"backend '{backend.name}' offers {', '.join(backend.precisions)}")
         compiled = self._compile(exported, tmp_path, precision)
         assert compiled.format == backend.produces and compiled.precision == precision
         assert all(p.is_file() for p in compiled.all_files)
