@@ -17,6 +17,21 @@ from edgepack.yamlio import load_model, read_yaml
 TARGETS_PATH_ENV = "EDGEPACK_TARGETS_PATH"
 # profile names and aliases are kebab-case: they name bundle files and registry tags
 PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# precisions and tensor types are open (a backend may offer "int16" or "w8a16"); the backend says which
+# it supports (the build refuses others), the profile only that it is such a name
+TYPE_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+
+
+def _type_name(what: str, examples: str):
+    """A validator: ``v`` is a lowercase identifier (letters, digits, single '-' or '_' between)."""
+
+    def check(cls, v: str) -> str:
+        if not TYPE_NAME.match(v) or len(v) > 32:
+            raise ValueError(f"{v!r} is not a {what} name: use lowercase letters and digits, with '-' or '_' "
+                             f"between words (e.g. {examples}); the target's backend says which it supports")
+        return v
+
+    return check
 
 
 class Frozen(BaseModel):
@@ -55,13 +70,16 @@ class Device(Frozen):
 class Quantization(Frozen):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
-    activation_type: Literal["uint8", "int8"] = "int8"
-    weight_type: Literal["int8"] = "int8"
+    activation_type: str = Field(default="int8", description="e.g. int8, uint8, int16: what the backend offers")
+    weight_type: str = Field(default="int8", description="e.g. int8, int4: what the backend offers")
     symmetric_activations: bool = False
     samples: int = Field(default=300, gt=0, description="default calibration sample count")
     keep_float: list[str] = Field(default_factory=list,
                                   description="ONNX node names kept in higher precision (set by accuracy tuning)")
     reason: str | None = Field(default=None, description="why these settings fit the hardware")
+
+    _tensor_types = field_validator("activation_type", "weight_type")(
+        classmethod(_type_name("tensor type", "int8, uint8, int16")))
 
 
 class Measurement(Frozen):
@@ -84,7 +102,7 @@ class TargetProfile(Frozen):
     description: str
     aliases: list[str] = Field(default_factory=list)
     backend: str
-    precision: Literal["fp32", "fp16", "int8"] = "int8"
+    precision: str = Field(default="int8", description="one of the backend's precisions, e.g. fp32, fp16, int8, w8a16")
     device: Device
     quantization: Quantization = Field(default_factory=Quantization)
     max_opset: int | None = None
@@ -100,6 +118,8 @@ class TargetProfile(Frozen):
             raise ValueError(f"{v!r} is not a profile name: use lowercase letters, digits and '-' (kebab-case, "
                              "at most 63 characters, no '/' or '.'); it names the bundle file")
         return v
+
+    _precision = field_validator("precision")(classmethod(_type_name("precision", "fp32, fp16, int8, w8a16")))
 
     @field_validator("aliases")
     @classmethod
