@@ -1,8 +1,9 @@
 """Is this machine the device a bundle was built for? Checked before anything is installed.
 
 Kept to what can be known without running the model: the CPU architecture a profile's ISA list
-implies, and for TensorRT bundles whether TensorRT is here and, for Jetson profiles, whether this is
-an L4T system at all. `validate` then checks the rest by running the model; `--force` overrides.
+implies, and what the bundle's backend knows against this machine (its ``check_host``: for TensorRT
+bundles, whether TensorRT is here and, for Jetson profiles, whether this is an L4T system at all).
+`validate` then checks the rest by running the model; `--force` overrides.
 """
 
 from __future__ import annotations
@@ -52,14 +53,7 @@ def check_target(manifest, force: bool = False, host: Host | None = None) -> lis
     profile = manifest.profile
     device = profile.get("device", {})
     name = f"'{manifest.target}' ({device.get('name', 'unknown device')})"
-    problems, notes = [], []
-    if manifest.runtime.backend == "tensorrt":
-        wants_l4t = "l4t" in (device.get("software") or {}) or "jetson" in manifest.target
-        if wants_l4t and not host.l4t:
-            problems.append(f"the bundle is for {name}, a Jetson, and this machine ({host.machine}) is not one "
-                            f"(no {TEGRA_RELEASE})")
-        elif not host.tensorrt:
-            problems.append(f"the bundle is for {name} and runs on TensorRT, which is not installed here")
+    problems, notes = _backend_problems(manifest, host), []
     isa = set(device.get("isa") or [])
     arch = "x86-64" if isa & X86_ISA else "arm" if isa & ARM_ISA else None
     machines = X86_MACHINES if arch == "x86-64" else ARM_MACHINES if arch == "arm" else None
@@ -72,3 +66,20 @@ def check_target(manifest, force: bool = False, host: Host | None = None) -> lis
     if problems and not force:
         raise WrongTargetError("; ".join(problems))
     return notes + [f"--force: {p}" for p in problems]
+
+
+def _backend_problems(manifest, host: Host) -> list[str]:
+    """What the bundle's backend knows against this machine (its ``check_host``)."""
+    from edgepack.backends import get_backend, registered_backends
+    from edgepack.errors import ConfigError
+
+    name = manifest.runtime.backend
+    known = registered_backends()
+    if name not in known:
+        installed = ", ".join(sorted(known)) or "none"
+        return [f"the bundle runs on backend '{name}', which is not installed here (installed backends: {installed})"]
+    try:
+        backend = get_backend(name)
+    except ConfigError as e:
+        return [f"the bundle runs on backend '{name}', which cannot be loaded here: {e}"]
+    return list(backend.check_host(manifest, host))
