@@ -121,10 +121,10 @@ def build(
                 out.print(f"  [dim]{escape(cov['summary'])}[/]")
             conv = r.manifest.conversion
             if conv is not None:
-                from edgepack.backends.tflite import describe_float_ops
+                from edgepack.backends import describe_conversion
 
                 out.print(f"  [dim]level {conv['reached']} ({escape(conv['why'])}); "
-                          f"{escape(describe_float_ops(conv['float_op_report']))}[/]")
+                          f"{escape('; '.join(describe_conversion(r.manifest)))}[/]")
     raise_for_acceptance(results)
 
 

@@ -87,7 +87,7 @@ def inspect(
             out.print(escape(line))
     t = m.get("tuning")
     if m.get("conversion"):
-        _conversion(m["conversion"], (m["runtime"].get("io") or {}))
+        _conversion(m["conversion"], (m["runtime"].get("io") or {}), m)
     if t and t.get("kind") != "fallback ladder":
         kept = ", ".join(f"{k['layer']} ({fmt(k['sensitivity'], 3)})" for k in t["kept_in_higher_precision"]) or "none"
         verdict = "[green]met[/]" if t["budget_met"] else "[red]not met[/]"
@@ -135,9 +135,9 @@ def prune_lines(p: dict) -> list[str]:
     return lines
 
 
-def _conversion(c: dict, io: dict) -> None:
+def _conversion(c: dict, io: dict, manifest: dict) -> None:
     """The converter's outcome: quantization level reached (and the ladder), float-op report, I/O."""
-    from edgepack.backends.tflite import describe_float_ops
+    from edgepack.backends import describe_conversion
 
     out.print(f"quantization level [bold]{escape(c['reached'])}[/] ({escape(c['level_means'])}): {escape(c['why'])}")
     if c.get("ladder") and len(c["ladder"]) > 1:
@@ -149,7 +149,8 @@ def _conversion(c: dict, io: dict) -> None:
                        fmt(s.get("accuracy"), 2), fmt(s.get("drop_points"), 2), fmt(s.get("p50_ms_host")))
         out.print(lt)
     rep = c["float_op_report"]
-    out.print(f"float-op report: {escape(describe_float_ops(rep))}")
+    for line in describe_conversion(manifest):
+        out.print(f"float-op report: {escape(line)}")
     if rep["float_ops"]:
         ft = Table(title="ops not in integer")
         for col in ("op", "count", "share of MACs", "why"):
