@@ -143,7 +143,7 @@ def test_inspect_shows_the_format(built):
 
 
 def test_compare_reuses_the_bundle_and_measures_accuracy(built, tiny_project):
-    bundle, m = built
+    bundle, _ = built
     proc = edgepack("compare", "--project", tiny_project, "--targets", "fake-box", "--targets-dir", TARGETS,
                     "--out", bundle.parent, "--format", "json", "--quiet", "--calibration-suite", "quick")
     assert proc.returncode == 0, proc.stderr
@@ -153,7 +153,7 @@ def test_compare_reuses_the_bundle_and_measures_accuracy(built, tiny_project):
 
 
 def test_install_validates_on_this_host_and_asks_the_backend_first(built, tmp_path):
-    bundle, m = built
+    bundle, _ = built
     root = tmp_path / "device"
     proc = edgepack("install", bundle, "--root", root, "--allow-unsigned", "--runs", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
