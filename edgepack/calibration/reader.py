@@ -18,6 +18,7 @@ import numpy as np
 
 from edgepack import preprocess as pp
 from edgepack.artifact import TensorSpec
+from edgepack.calibration.npz import MemberError, read_members
 from edgepack.errors import CalibrationError, ConfigError, ModelError
 from edgepack.text import TEXT_SUFFIXES, label_ids, read_table
 
@@ -216,26 +217,21 @@ def check_sample(sample: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
 
 
 def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str):
+    """Samples as views of the file's arrays, each member read (or memory-mapped) once: see npz.py."""
     hint = "the file is damaged (an interrupted copy or download?); write it again with np.savez"
-    try:
-        archive = np.load(path, allow_pickle=False)
+    names = [t.name for t in inputs]
+    try:  # each member read once, here, where a corrupt one is caught
+        keys_list, data = read_members(path, lambda keys: [*names, "labels"] + (
+            [] if all(n in keys for n in names) else ["images"]))
+    except MemberError as e:
+        k = e.member
+        if e.kind == "pickle":
+            raise CalibrationError(f"{where}: {path}: array '{k}' holds Python objects, which are not "
+                                   "loaded (pickle)", hint="store numeric arrays only") from e
+        raise CalibrationError(f"{where}: {path} is corrupt: cannot read its array '{k}' ({e})", hint=hint) from e
     except Exception as e:  # noqa: BLE001 - numpy raises many kinds
         raise CalibrationError(f"{where}: cannot read {path}: {e}", hint=hint) from e
-    keys = set(archive.files)
-    names = [t.name for t in inputs]
-    data: dict[str, np.ndarray] = {}
-    with archive:
-        wanted = [*names, "labels"] + ([] if all(n in keys for n in names) else ["images"])
-        for k in wanted:  # each member read once, here, where a corrupt one is caught
-            if k in keys and k not in data:
-                try:
-                    data[k] = archive[k]
-                except Exception as e:  # BadZipFile (CRC), EOFError, zlib.error, ValueError
-                    if isinstance(e, ValueError) and "allow_pickle" in str(e):
-                        raise CalibrationError(f"{where}: {path}: array '{k}' holds Python objects, which are not "
-                                               "loaded (pickle)", hint="store numeric arrays only") from e
-                    raise CalibrationError(f"{where}: {path} is corrupt: cannot read its array '{k}' ({e})",
-                                           hint=hint) from e
+    keys = set(keys_list)
     labels = list(data["labels"]) if "labels" in keys else None  # checked by load_samples
     if all(n in keys for n in names):
         n = len(data[names[0]])
