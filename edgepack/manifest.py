@@ -235,6 +235,19 @@ class Coverage(Section):
     summary: str | None = None
 
 
+class PrecisionChoice(Section):
+    """How the bundled precision was chosen: kept (fast enough, or forced), or the fastest candidate that met
+    the accuracy budget, with every candidate's accuracy, p50/p90 (timed in turn) and size."""
+
+    policy: str
+    chosen: str
+    objective: str | None = None
+    runner_up: str | None = None
+    speedup_vs_fp32: Number | None = None
+    why: str | None = None
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class Measured(Strict):
     """Figures for one model, all taken in the same run on the same data and threads."""
 
@@ -311,6 +324,9 @@ class Manifest(Strict):
     coverage: Coverage | None = Field(
         default=None, description="quantization coverage of the compiled model (ONNX QDQ, OpenVINO IR): the share of "
                                   "weighted ops and of MACs that run in INT8, subgraphs included, and the ops that do not")
+    precision_choice: PrecisionChoice | None = Field(
+        default=None, description="how the bundled precision was chosen (select_precision): the candidates "
+                                  "measured, the one chosen and why")
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> "Manifest":

@@ -273,6 +273,9 @@ class Project(Strict):
     evaluation: Evaluation | None = None
     acceptance: Acceptance = Field(default_factory=Acceptance)
     prune: Prune | None = None
+    precision: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+                                  description="forces this precision on every target (e.g. int8 for size or an "
+                                              "NPU); the target's backend must offer it")
 
     # set by load_project, not part of the file
     root: Path = Field(default=Path("."), exclude=True)

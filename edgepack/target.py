@@ -103,6 +103,12 @@ class TargetProfile(Frozen):
     aliases: list[str] = Field(default_factory=list)
     backend: str
     precision: str = Field(default="int8", description="one of the backend's precisions, e.g. fp32, fp16, int8, w8a16")
+    select_precision: Literal["fastest", "fixed"] = Field(
+        default="fixed", description="fastest: where the host measures the target's runtime, the build keeps "
+        "`precision` only when it is at least as fast as FP32 there, else it builds INT8 on the weighted ops only and "
+        "FP32 too and bundles the fastest that meets the accuracy budget; fixed: `precision` is forced")
+    objective: Literal["latency", "size", "balanced"] = Field(
+        default="latency", description="what breaks the choice between candidates (select_precision: fastest)")
     device: Device
     quantization: Quantization = Field(default_factory=Quantization)
     max_opset: int | None = None

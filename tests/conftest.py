@@ -42,6 +42,8 @@ def not_a_module():
 PROJECT_YAML = """\
 name: digits
 version: 1.2.3
+# INT8 forced: these tests check the INT8 path (select_precision would pick by this host's timing)
+precision: int8
 model:
   path: model.py:build
   weights: weights.pt

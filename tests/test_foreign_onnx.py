@@ -28,6 +28,8 @@ CLS = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 CLS_YAML = """\
 name: ocr-direction
 version: 0.1.0
+# INT8 forced: these tests check the INT8 path (select_precision would pick by this host's timing)
+precision: int8
 model: cls.onnx
 inputs:
   - {name: x, shape: [batch, 3, 48, 192]}     # the file says [-1, 3, ?, ?]; dtype is read from it

@@ -23,6 +23,8 @@ pytest.importorskip("tokenizers")
 TEXT_YAML = """\
 name: tiny-sentiment
 version: 0.1.0
+# INT8 forced: these tests check the INT8 path (select_precision would pick by this host's timing)
+precision: int8
 model: {hf: model, task: text-classification}
 dims:
   sequence: {max: 24, measure: [8, 24]}

@@ -56,6 +56,8 @@ class Backend(ABC):
     # quantization levels, most integer first, that the build falls back along when one fails to
     # convert or misses the accuracy budget (options.level selects one); empty: the tuning search instead
     fallback_levels: ClassVar[tuple[str, ...]] = ()
+    # what the bundle's model file is when it is not what runs on the device (compare prints it beside sizes)
+    bundle_note: ClassVar[str | None] = None
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

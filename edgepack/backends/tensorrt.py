@@ -111,6 +111,7 @@ class TensorRTBackend(Backend):
     produces: ClassVar[str] = ModelFormat.ONNX
     extra: ClassVar[str] = "tensorrt"
     runtime_package: ClassVar[str] = "tensorrt"
+    bundle_note: ClassVar[str | None] = "QDQ ONNX in the bundle; the TensorRT engine is built on the device"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     # the build quantizes with ONNX Runtime; the engine is built on the device
     packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")

@@ -129,6 +129,8 @@ class BuildContext:
         return self.data
 
     def warn(self, note: str) -> None:
+        if note in self.warnings:
+            return
         self.warnings.append(note)
         self.progress(note, "warn", None, "")
 

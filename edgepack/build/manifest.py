@@ -34,6 +34,7 @@ class Built:
     target_fp32: dict[str, Any] | None = None
     prune: dict[str, Any] | None = None
     in_turn: dict[str, Any] | None = None
+    precision_choice: dict[str, Any] | None = None
 
 
 def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -> Manifest:
@@ -105,6 +106,7 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
         validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
                               holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
         preprocess=pre, labels=labels, tuning=tuning, prune=built.prune, coverage=coverage,
+        precision_choice=built.precision_choice,
         warnings=list(ctx.warnings) + list(compiled.details.get("warnings", [])) + coverage_warnings,
         conversion=_conversion(compiled, tuning), text=text,
     )

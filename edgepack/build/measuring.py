@@ -19,6 +19,10 @@ from edgepack.measure.size import size_of
 from edgepack.target import TargetProfile
 
 
+REFERENCE_BACKEND = "onnxruntime"   # the FP32 reference: the exported ONNX on ONNX Runtime
+REFERENCE_RUNTIME = "onnxruntime"
+
+
 def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[Path], root: Path, threads: int,
             profile: TargetProfile, what: str) -> tuple[Measured, Outputs]:
     """Outputs on the whole evaluation set, latency (and at the dims' sizes), peak memory and size.
@@ -42,7 +46,7 @@ def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: Targ
     key = (profile.max_opset, threads)
     if key in ctx.references:
         return ctx.references[key]
-    ort = get_backend("onnxruntime")
+    ort = get_backend(REFERENCE_BACKEND)
     ort.check_environment(compile=False)
     with Stage(ctx.progress, "measure fp32 reference") as st:
         measured, outputs = measure(ctx, ort, art.path, list(art.all_files), art.path.parent, threads, profile,
@@ -83,7 +87,7 @@ def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Mo
     """The FP32 reference, the compiled model and (when built) FP32 on the target's runtime, timed in
     turn in one window with a noise check: the speed-ups in the manifest come from here, so a busy
     host's load falls on every model alike, and a window that never settles is flagged noisy."""
-    ort = get_backend("onnxruntime")
+    ort = get_backend(REFERENCE_BACKEND)
     runners = {"fp32 reference": ort.load(art.path, threads), "compiled": backend.host_runner(compiled.path, threads)[0]}
     if fp32_on_target is not None:
         runners["fp32 on the target's runtime"] = backend.host_runner(Path(fp32_on_target["path"]), threads)[0]

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgepack.artifact import ModelArtifact, ModelFormat
-from edgepack.build.context import BuildContext, BuildResult, Outcome, Progress, Settings, Stage, TargetFailure, no_progress
+from edgepack.build.context import (BuildContext, BuildResult, Outcome, Progress, Reference, Settings, Stage,
+                                    TargetFailure, no_progress)
 from edgepack.build.data import prepare_data
 from edgepack.build.manifest import Built, assemble
-from edgepack.build.measuring import in_turn, measure, noisy_note, reference, target_fp32, unpruned_latency
+from edgepack.build.measuring import REFERENCE_RUNTIME, in_turn, measure, noisy_note, reference, target_fp32, unpruned_latency
 from edgepack.build.plan import TargetPlan, plan_targets, toolchain_versions
+from edgepack.build import choice
 from edgepack.build.search import Trials, accuracy_budget, compile_to_budget, precision_label
 from edgepack.build.source import compile_source, exported, source_of
 from edgepack.bundle import bundle_name, write_bundle
@@ -28,6 +30,7 @@ from edgepack.loaders.resolve import resolve
 from edgepack.project import find_project, load_project, with_prune_flags
 from edgepack.scratch import locked_dir
 from edgepack.toolchains import require
+from edgepack.tuning import Trial
 
 
 def check_out_dir(out: Path) -> Path:
@@ -55,7 +58,7 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
     build that meets it within ``max_tuning_minutes`` / ``max_tuning_steps`` per target."""
     progress = progress or no_progress
     project = with_prune_flags(load_project(project_path), prune or {})
-    plans = plan_targets(targets, targets_dirs, strict=True)
+    plans = plan_targets(targets, targets_dirs, strict=True, precision=project.precision)
     out = check_out_dir(Path(out) if out else project.root / "dist")
     if project.model.kind == "onnx" and any(p.backend.consumes == ModelFormat.TORCH for p in plans):
         require("onnx2tf")  # ONNX sources reach PyTorch-reading converters through the isolated onnx2tf toolchain
@@ -121,38 +124,87 @@ def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
                     lambda e, where: keep_logs(e, where, ctx.out, final.name),
                     accuracy_budget(project, profile, ref.measured.accuracy))
     chosen, tuning = compile_to_budget(ctx, plan, trials, art.path)
-    compiled = move_into(chosen.compiled, staging / "model")
-    with Stage(progress, f"measure {profile.name}") as st:
-        measured, outputs = measure(ctx, backend, compiled.path, list(compiled.all_files), staging, threads, profile,
-                                    f"compiled: {precision_label(compiled, profile)} on {backend.name}")
-        measured.accuracy = trials.score(outputs)
-        st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
-    prune = None
-    if ctx.prune is not None:
-        with Stage(progress, f"measure unpruned {profile.name}") as st:
-            unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
-            effect = unpruned_latency(ctx, backend, options, profile, unpruned_src, workdir / "unpruned", threads,
-                                      compiled.path)
-            st.detail = f"p50 {effect['unpruned_p50_ms']:.3f} ms -> pruned {effect['pruned_p50_ms']:.3f} ms"
-        prune = {**ctx.prune, "latency_effect": effect}
-    fp32_target = None
-    if backend.name != "onnxruntime" and measured.proxy is None and profile.precision != "fp32":
-        with Stage(progress, f"measure fp32 on {backend.name}") as st:
-            fp32_target = target_fp32(ctx, backend, options, profile, src, workdir / "fp32", threads)
-            st.detail = f"p50 {fp32_target['latency']['p50_ms']:.3f} ms"
-    timed = None
-    if measured.proxy is None:
-        with Stage(progress, f"time {profile.name} in turn with fp32") as st:
-            timed = in_turn(ctx, backend, profile, art, compiled, fp32_target, threads)
-            st.detail = (f"speed-up {timed['speedup_p50']:.2f}x"
-                         + (" [noisy host: figures flagged]" if timed["noise"]["noisy"] else ""))
-        if timed["noise"]["noisy"]:
-            ctx.warn(noisy_note(profile, timed))
+    job = Job(ctx, plan, art, src, ref, trials, workdir, staging, threads)
+    built = settle_precision(job, chosen, job.measure(chosen, tuning))
     with Stage(progress, f"bundle {profile.name}") as st:
-        built = Built(compiled, art, ref.measured, measured, outputs, tuning, fp32_target, prune, timed)
         manifest = write_bundle(staging, assemble(ctx, plan, built, staging), final)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
+
+
+@dataclass
+class Job:
+    """One target's build after its compile: measuring a candidate build into the bundle's folder."""
+
+    ctx: BuildContext
+    plan: TargetPlan
+    exported: ModelArtifact
+    src: ModelArtifact
+    ref: Reference
+    trials: Trials
+    workdir: Path
+    staging: Path
+    threads: int
+    prune: dict[str, Any] | None = None
+
+    def measure(self, chosen: Trial, tuning: dict[str, Any] | None, why: str | None = None) -> Built:
+        ctx, threads = self.ctx, self.threads
+        profile, backend, options = self.plan.profile, self.plan.backend, self.plan.options
+        progress, art = ctx.progress, self.exported
+        compiled = move_into(chosen.compiled, self.staging / "model")
+        with Stage(progress, f"measure {profile.name}") as st:
+            measured, outputs = measure(ctx, backend, compiled.path, list(compiled.all_files), self.staging, threads,
+                                        profile, f"compiled: {why or precision_label(compiled, profile)} on {backend.name}")
+            measured.accuracy = self.trials.score(outputs)
+            st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
+        if ctx.prune is not None and self.prune is None:
+            with Stage(progress, f"measure unpruned {profile.name}") as st:
+                unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
+                effect = unpruned_latency(ctx, backend, options, profile, unpruned_src, self.workdir / "unpruned",
+                                          threads, compiled.path)
+                st.detail = f"p50 {effect['unpruned_p50_ms']:.3f} ms -> pruned {effect['pruned_p50_ms']:.3f} ms"
+            self.prune = {**ctx.prune, "latency_effect": effect}
+        fp32_target = None
+        # FP32 on the target's own runtime, unless that runtime is the reference's (then the reference is it)
+        if backend.runtime_package != REFERENCE_RUNTIME and measured.proxy is None and compiled.precision != "fp32":
+            with Stage(progress, f"measure fp32 on {backend.name}") as st:
+                fp32_target = target_fp32(ctx, backend, options, profile, self.src, self.workdir / "fp32", threads)
+                st.detail = f"p50 {fp32_target['latency']['p50_ms']:.3f} ms"
+        timed = None
+        if measured.proxy is None:
+            with Stage(progress, f"time {profile.name} in turn with fp32") as st:
+                timed = in_turn(ctx, backend, profile, art, compiled, fp32_target, threads)
+                st.detail = (f"speed-up {timed['speedup_p50']:.2f}x"
+                             + (" [noisy host: figures flagged]" if timed["noise"]["noisy"] else ""))
+            if timed["noise"]["noisy"]:
+                ctx.warn(noisy_note(profile, timed))
+        return Built(compiled, art, self.ref.measured, measured, outputs, tuning, fp32_target, self.prune, timed)
+
+
+def settle_precision(job: Job, chosen: Trial, built: Built) -> Built:
+    """Keep the build, or (select_precision: fastest, and slower than FP32 on its runtime) measure the
+    candidates and bundle the fastest that meets the budget; the record goes into the manifest."""
+    ctx, profile, backend = job.ctx, job.plan.profile, job.plan.backend
+    g = choice.gain(built.in_turn)
+    where = f"{backend.name} ({backend.runtime_package})"
+    if built.in_turn is None:
+        return replace(built, precision_choice={
+            "policy": choice.policy(profile), "chosen": built.compiled.precision, "candidates": [],
+            "why": "the target's runtime cannot be timed on this host: the profile's precision is kept; `edgepack "
+                   "validate` on the device reports its speed there"})
+    if built.compiled.precision == "fp32" or choice.policy(profile) == "fixed" or (g is not None and g >= choice.MIN_GAIN):
+        if g is not None and g < 1.0:
+            ctx.warn(f"{profile.name}: {built.compiled.precision} is forced (select_precision: fixed) and runs "
+                     f"{g:.2f}x FP32's speed on {where}, timed in turn: slower than FP32")
+        return replace(built, precision_choice=choice.kept_note(profile, g, where))
+    with Stage(ctx.progress, f"choose {profile.name}'s precision (int8 runs {g:.2f}x fp32 on {backend.name})") as st:
+        pick, record = choice.choose(ctx, job.plan, job.trials, chosen, built.compiled, job.exported.path, job.threads)
+        st.detail = record["why"]
+    if pick is chosen:
+        return replace(built, precision_choice=record)
+    shutil.rmtree(job.staging / "model")
+    label = f"{pick.compiled.precision} (chosen over {profile.precision} by measurement)"
+    return replace(job.measure(pick, built.tuning, label), precision_choice=record)
 
 
 def move_into(art: ModelArtifact, folder: Path) -> ModelArtifact:

@@ -32,20 +32,22 @@ class TargetPlan:
         return self.problem is None
 
 
-def plan_target(spec: str, targets_dirs: list[Path] | None = None) -> TargetPlan:
+def plan_target(spec: str, targets_dirs: list[Path] | None = None, precision: str | None = None) -> TargetPlan:
     """Load the profile (unknown names are a ConfigError), then check its backend: registered, offering
-    the profile's precision, options valid, toolchain installed. A backend problem is raised."""
+    the profile's precision, options valid, toolchain installed. A backend problem is raised.
+    ``precision`` (the project's ``precision:``) is forced on the profile: ``select_precision: fixed``."""
     profile = load_target(spec, targets_dirs)
+    if precision is not None:
+        profile = profile.model_copy(update={"precision": precision, "select_precision": "fixed"})
     backend = get_backend(profile.backend, needed_by=f"target '{profile.name}' ({profile.source})")
-    if profile.precision not in backend.precisions:
-        raise ConfigError(f"{profile.source}: precision '{profile.precision}' is not supported by backend "
-                          f"'{backend.name}' (it supports {', '.join(backend.precisions)})")
+    backend.check_profile(profile)  # its precision and tensor types are ones the backend offers
     options = backend.options(profile.backend_options, f"{profile.source}: backend_options")
     backend.check_environment(compile=True)
     return TargetPlan(spec, profile, backend, options)
 
 
-def plan_targets(specs: list[str], targets_dirs: list[Path] | None = None, strict: bool = True) -> list[TargetPlan]:
+def plan_targets(specs: list[str], targets_dirs: list[Path] | None = None, strict: bool = True,
+                 precision: str | None = None) -> list[TargetPlan]:
     """One plan per distinct profile. ``strict`` (build) raises the first backend problem; otherwise
     (compare) the plan records it and the target is estimated instead of built."""
     if not specs:
@@ -54,11 +56,13 @@ def plan_targets(specs: list[str], targets_dirs: list[Path] | None = None, stric
     seen: set[str] = set()
     for spec in specs:
         if strict:
-            plan = plan_target(spec, targets_dirs)
+            plan = plan_target(spec, targets_dirs, precision)
         else:
             profile = load_target(spec, targets_dirs)
+            if precision is not None:
+                profile = profile.model_copy(update={"precision": precision, "select_precision": "fixed"})
             try:
-                plan = plan_target(spec, targets_dirs)
+                plan = plan_target(spec, targets_dirs, precision)
             except EdgepackError as e:
                 plan = TargetPlan(spec, profile, None, None, e.message)
         if plan.profile.name not in seen:

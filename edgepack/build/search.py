@@ -48,10 +48,14 @@ class Trials:
     budget: Callable[[float], bool] | None = None
     trials: list[Trial] = field(default_factory=list)
 
-    def __call__(self, step: str, method: str, kept: list[str], level: str | None = None) -> Trial:
+    def __call__(self, step: str, method: str, kept: list[str], level: str | None = None,
+                 precision: str | None = None) -> Trial:
         ctx, profile, backend = self.ctx, self.plan.profile, self.plan.backend
-        variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(
-            update={"calibration_method": method, "keep_float": kept})})
+        update: dict[str, Any] = {"quantization": profile.quantization.model_copy(
+            update={"calibration_method": method, "keep_float": kept})}
+        if precision is not None:
+            update["precision"] = precision
+        variant = profile.model_copy(update=update)
         opts = self.plan.options if level is None else self.plan.options.model_copy(update={"level": level})
         t0 = time.perf_counter()
         where = self.workdir / f"try-{len(self.trials)}"

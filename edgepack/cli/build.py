@@ -116,6 +116,11 @@ def build(
 
                 for line in prune_lines(r.manifest.prune):
                     out.print(f"  [dim]{escape(line)}[/]")
+            pc = r.manifest.precision_choice
+            if pc is not None:
+                from edgepack.cli.inspect import precision_line
+
+                out.print(f"  [dim]{escape(precision_line(pc.model_dump(mode='json')))}[/]")
             cov = r.manifest.coverage
             if cov and cov.get("summary"):
                 out.print(f"  [dim]{escape(cov['summary'])}[/]")
@@ -155,5 +160,8 @@ def headline(manifest, bundle: Path) -> dict:
         "conversion": None if manifest.conversion is None else {
             "level": manifest.conversion.reached, "why": manifest.conversion.why,
             "float_ops": manifest.conversion["float_op_report"]["float_ops"]},
+        "precision_choice": None if manifest.precision_choice is None else {
+            "policy": manifest.precision_choice.policy, "chosen": manifest.precision_choice.chosen,
+            "runner_up": manifest.precision_choice.runner_up, "why": manifest.precision_choice.why},
         "warnings": manifest.warnings,
     }

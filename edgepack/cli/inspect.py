@@ -79,6 +79,8 @@ def inspect(
     out.print(f"acceptance {verdict}  gates {acc['gates'] or 'none set'}")
     if (m.get("coverage") or {}).get("summary"):
         out.print(f"quantization coverage: {escape(m['coverage']['summary'])}")
+    if m.get("precision_choice"):
+        _precision_choice(m["precision_choice"])
     if m.get("warnings"):
         for w in m["warnings"]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
@@ -115,6 +117,27 @@ def inspect(
     for f in m["files"]:
         ft.add_row(f["path"], str(f["bytes"]), f["sha256"][:16])
     out.print(ft)
+
+
+def precision_line(pc: dict) -> str:
+    """One line: the precision bundled, how it was chosen, and the runner-up."""
+    head = f"precision {pc['chosen']} ({pc['policy']}" + (f", objective {pc['objective']}" if pc.get("objective") else "")
+    return head + f"): {pc.get('why') or ''}"
+
+
+def _precision_choice(pc: dict) -> None:
+    out.print(escape(precision_line(pc)))
+    if not pc.get("candidates"):
+        return
+    t = Table(title="precision candidates (timed in turn in one window on the target's runtime)")
+    for col in ("candidate", "precision", "accuracy", "drop", "meets budget", "p50 ms", "p90 ms", "size MB", ""):
+        t.add_column(col)
+    for c in pc["candidates"]:
+        t.add_row(escape(c["candidate"]), escape(c["precision"]), fmt(c["accuracy"], 2), fmt(c["drop_points"], 2),
+                  "yes" if c["meets_budget"] else "no", fmt(c["p50_ms"], 4), fmt(c["p90_ms"], 4),
+                  f"{c['size_bytes'] / 1e6:.3f}", "chosen" if c["candidate"] == pc["chosen"] else
+                  ("runner-up" if c["candidate"] == pc.get("runner_up") else ""))
+    out.print(t)
 
 
 def prune_lines(p: dict) -> list[str]:

@@ -117,8 +117,10 @@ def host_is_device_class(profile: TargetProfile) -> bool:
     return dev.kind == "cpu" and bool(dev.isa) and set(dev.isa) <= set(host_info()["isa"])
 
 
-def bytes_mb(elements: int, precision: str) -> float:
-    return round(elements * BYTES_PER_ELEMENT[precision] / 1e6, 4)
+def bytes_mb(elements: int, precision: str) -> float | None:
+    """MB for ``elements`` at ``precision``; None for a precision whose element size is not known here."""
+    size = BYTES_PER_ELEMENT.get(precision)
+    return round(elements * size / 1e6, 4) if size is not None else None
 
 
 def estimate_for(counts: GraphCounts | None, profile: TargetProfile, calibration: Any,

@@ -103,6 +103,13 @@ def _pick(cals: dict[str, tuple[Calibration, dict[str, Any]]], backend: str) -> 
     return cal, f"efficiency and overhead transferred from {cal.runtime} on the host ({backend} not timed here)"
 
 
+def _bundle_note(backend: str) -> str | None:
+    try:
+        return get_backend(backend).bundle_note
+    except EdgepackError:
+        return None
+
+
 def _latency_cells(row: Row, p50: float, p90: float | None, source: str, batch: int, note: str | None = None) -> None:
     row.p50_ms = Cell(round(p50, 4), source, note)
     row.p90_ms = (Cell(round(p90, 4), source, note) if p90 is not None
@@ -133,7 +140,7 @@ def _row(plan: Plan, counts: GraphCounts | None, cals: dict[str, tuple[Calibrati
             row.fp32_accuracy = Cell(mm.reference.accuracy.value, f"measured ({where}, FP32 onnxruntime)")
         if mm.comparison.accuracy_delta_points is not None:
             row.accuracy_delta = Cell(mm.comparison.accuracy_delta_points, acc_src)
-        note = "QDQ ONNX in the bundle; the TensorRT engine is built on the device" if prof.backend == "tensorrt" else None
+        note = _bundle_note(prof.backend)
         row.size_mb = Cell(round(got.size.bytes / 1e6, 4), "bundle", note)
         pm = got.peak_memory
         on_device = plan.host_class and not got.proxy

@@ -93,12 +93,12 @@ def _reuse_or_not(plan: Plan, manifest: Manifest, why: str | None, progress: Com
         progress(plan.profile.name, "info", f"rebuilding {plan.bundle.name}: {why or 'its files do not match the manifest'}")
 
 
-def plan_targets(targets: list[str], targets_dirs: list[Path] | None) -> list[Plan]:
+def plan_targets(targets: list[str], targets_dirs: list[Path] | None, precision: str | None = None) -> list[Plan]:
     """Resolve names (unknown names are a ConfigError) with the build's own plan step, and say which
     can be built on this machine (the others are estimated)."""
     return [Plan(tp.spec, tp.profile, buildable=tp.buildable, reason=tp.problem,
                  host_class=host_is_device_class(tp.profile))
-            for tp in plan_builds(targets, targets_dirs, strict=False)]
+            for tp in plan_builds(targets, targets_dirs, strict=False, precision=precision)]
 
 
 def compare(project_path: Path | None, targets: list[str], out: Path | None = None,
@@ -120,7 +120,7 @@ def compare(project_path: Path | None, targets: list[str], out: Path | None = No
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if suite not in SUITES:
         raise ConfigError(f"unknown calibration suite '{suite}'", hint=did_you_mean(suite, SUITES))
-    plans = plan_targets(targets, targets_dirs)
+    plans = plan_targets(targets, targets_dirs, project.precision)
     out = check_out_dir(Path(out) if out else project.root / "dist")
     work = out / WORK
     source = source_of(project, project_file)

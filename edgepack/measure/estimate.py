@@ -232,9 +232,12 @@ class Peaks:
 
 def device_peaks(device: Any, precision: str) -> Peaks:
     """Peaks of a profile's ``device`` for ``precision``; falls back (and says so) when a figure is missing."""
-    order = {"int8": ["peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops"],
-             "fp16": ["peak_fp16_tflops", "peak_fp32_tflops"],
-             "fp32": ["peak_fp32_tflops", "peak_fp16_tflops"]}[precision]
+    orders = {"int8": ["peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops"],
+              "fp16": ["peak_fp16_tflops", "peak_fp32_tflops"],
+              "fp32": ["peak_fp32_tflops", "peak_fp16_tflops"]}
+    if precision not in orders:  # a backend's own precision (w8a16, int16...): no peak figure says its rate
+        raise ConfigError(f"no roofline for precision '{precision}': the estimate knows {', '.join(orders)}")
+    order = orders[precision]
     notes = []
     for key in order:
         fig = getattr(device, key, None)
