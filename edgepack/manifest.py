@@ -289,6 +289,15 @@ class Validation(Strict):
     samples: int
     holdout_samples: int
     tolerance: dict[str, Any]
+    inputs_form: Literal["tensors", "images"] | None = Field(
+        default=None, description="how inputs.npz and holdout.npz hold the inputs: 'tensors' (one array per input, "
+                                  "as the model takes it; also when absent) or 'images' (raw uint8 images under "
+                                  "'images', preprocessed on the device with the manifest's `preprocess`)")
+
+    @model_serializer(mode="wrap")
+    def _written_keys(self, handler: Any) -> dict[str, Any]:
+        """A key nobody set is not written: bundles sealed before a key was declared keep their build id."""
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
 
 class Manifest(Strict):

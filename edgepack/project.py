@@ -154,8 +154,7 @@ class DataSource(Strict):
     samples: int | None = Field(default=None, gt=0)
     seed: int = 0
     text_column: str = Field(default="text", description="for .csv/.jsonl sources: the column holding the text")
-    label_column: str | None = Field(default=None,
-                                     description="for .csv/.jsonl sources: the label column (default: 'label' if present)")
+    label_column: str | None = Field(default=None, description="for .csv/.jsonl sources: the label column (default: 'label' if present)")
 
 
 class Calibration(DataSource):
@@ -187,6 +186,7 @@ class Evaluation(DataSource):
     metric: str | list[MetricSpec] | None = Field(
         default=None, description="a metric name (on the first output; fidelity on the others), or a list "
                                   "of {output, metric, threshold, gate}")
+    holdout_samples: int | None = Field(default=None, ge=0, description="labelled samples the bundle ships for validate")
 
     @field_validator("metric", mode="before")
     @classmethod

@@ -15,7 +15,11 @@ from edgepack.errors import BundleError, ValidationError
 from edgepack.target import Measurement
 
 VALIDATION_SAMPLES = 200
-HOLDOUT_SAMPLES = 300
+HOLDOUT_SAMPLES = 300  # the default cap (evaluation.holdout_samples); text holdouts ship the whole set
+# how inputs.npz / holdout.npz hold the inputs: one array per input as the model takes it, or the raw uint8
+# images under 'images', preprocessed here with the manifest's `preprocess` (the build checked it gives the
+# very tensors it measured); bundles without `validation.inputs_form` hold tensors
+FORM_TENSORS, FORM_IMAGES = "tensors", "images"
 MIN_TOP1_AGREEMENT = 0.98
 MIN_WITHIN_TOLERANCE = 0.98
 
@@ -36,15 +40,54 @@ def tolerance_for(precision: str, outputs: list[list[np.ndarray]]) -> dict[str, 
                     "pass when the share of samples within tolerance and the top-1 agreement both reach their minimums"}
 
 
+def image_input(pre: dict, image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """A stored raw image as the model's input (batch 1), through the bundled preprocessing."""
+    from edgepack import preprocess as pp
+
+    hw = pp.spatial_size(tuple(spec["shape"]), pre.get("layout", "NCHW"))
+    return pp.apply(pre, image, hw, spec["dtype"])[None]
+
+
+class StoredInputs:
+    """A validation file (inputs.npz, holdout.npz; compressed or not), each array read once: ``[i]`` is
+    sample i as the model takes it, ``labels`` the holdout's labels."""
+
+    def __init__(self, path: Path, manifest: Any):
+        self.path, self.specs = path, list(manifest.runtime.inputs)
+        self.form = getattr(manifest.validation, "inputs_form", None) or FORM_TENSORS
+        self.pre = manifest.preprocess
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                self.arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zip, zlib and numpy errors alike: the file is not readable
+            raise BundleError(f"{path.name}: cannot read the validation file ({type(e).__name__}: {e})") from e
+        need = ["images"] if self.form == FORM_IMAGES else [s["name"] for s in self.specs]
+        missing = [k for k in need if k not in self.arrays]
+        if missing or (self.form == FORM_IMAGES and (self.pre is None or len(self.specs) != 1)):
+            raise BundleError(f"{path.name}: holds {sorted(self.arrays)}, not the "
+                              + ("raw images and a one-input model with `preprocess` that validation.inputs_form "
+                                 "'images' needs" if not missing else f"arrays {missing} of the model's inputs"))
+        self.labels = self.arrays.get("labels")
+
+    def __len__(self) -> int:
+        first = self.arrays["images"] if self.form == FORM_IMAGES else self.arrays[self.specs[0]["name"]]
+        return len(first)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if self.form == FORM_IMAGES:
+            return {self.specs[0]["name"]: image_input(self.pre, self.arrays["images"][i], self.specs[0])}
+        return {s["name"]: self.arrays[s["name"]][i] for s in self.specs}
+
+
 def share_or_na(v: float | None) -> str:
     return "n/a (no class-score output)" if v is None else f"{v:.1%}"
 
 
 def _golden(runner, bundle_root: Path, manifest) -> dict[str, Any]:
     v = manifest.validation
-    ins = np.load(bundle_root / v.inputs_file)
-    outs = np.load(bundle_root / v.outputs_file)
-    names = [i["name"] for i in manifest.runtime.inputs]
+    ins = StoredInputs(bundle_root / v.inputs_file, manifest)
+    with np.load(bundle_root / v.outputs_file, allow_pickle=False) as z:  # each array read once
+        outs = {k: z[k] for k in z.files}
     out_names = [o["name"] for o in manifest.runtime.outputs]
     tol = v.tolerance
     # top-1 agreement on the output the accuracy budget gates on, when that output is a class-score vector
@@ -54,7 +97,7 @@ def _golden(runner, bundle_root: Path, manifest) -> dict[str, Any]:
     scores = len(one) == 2 and one[0] == 1 and one[1] > 1
     within, agree, max_err, failing = 0, 0, 0.0, []
     for i in range(v.samples):
-        got = runner.run({k: ins[k][i] for k in names})
+        got = runner.run(ins[i])
         ok = True
         for j, name in enumerate(out_names):
             ref = outs[name][i]
@@ -81,11 +124,11 @@ def _holdout(runner, bundle_root: Path, manifest) -> dict[str, Any] | None:
         return None
     if v.holdout_file.endswith(".jsonl"):
         return _text_holdout(runner, bundle_root, manifest)
-    data = np.load(bundle_root / v.holdout_file)
-    names = [i["name"] for i in manifest.runtime.inputs]
-    labels = data["labels"]
-    correct = sum(int(np.argmax(runner.run({k: data[k][i] for k in names})[0].reshape(-1)) == labels[i])
-                  for i in range(len(labels)))
+    data = StoredInputs(bundle_root / v.holdout_file, manifest)
+    labels = data.labels
+    if labels is None:
+        raise BundleError(f"{v.holdout_file}: holds no 'labels'")
+    correct = sum(int(np.argmax(runner.run(data[i])[0].reshape(-1)) == labels[i]) for i in range(len(labels)))
     return {"metric": "top1", "value": round(100.0 * correct / len(labels), 3), "samples": int(len(labels)),
             "note": "labelled holdout shipped in the bundle (a subset of the build's evaluation set)"}
 
@@ -106,13 +149,13 @@ def _text_holdout(runner, bundle_root: Path, manifest) -> dict[str, Any]:
                 rows.append({"text": str(row["text"]), "label": int(row["label"])})
             except (ValueError, KeyError, TypeError) as e:
                 raise BundleError(f"{v.holdout_file} line {n}: not a {{text, label}} JSON object ({e})") from e
-    golden = np.load(bundle_root / v.inputs_file)
+    golden = StoredInputs(bundle_root / v.inputs_file, manifest)
     names = [i["name"] for i in manifest.runtime.inputs]
     same, correct = 0, 0
     for i, row in enumerate(rows):
         feeds = encoder.encode(row["text"], f"{v.holdout_file} line {i + 1}")
         if i < v.samples:
-            same += int(all(np.array_equal(feeds[k], golden[k][i]) for k in names))
+            same += int(all(np.array_equal(feeds[k], golden[i][k]) for k in names))
         correct += int(np.argmax(runner.run(feeds)[0].reshape(-1)) == int(row["label"]))
     n_check = min(v.samples, len(rows))
     return {"metric": "top1", "value": round(100.0 * correct / len(rows), 3), "samples": len(rows),
@@ -156,8 +199,7 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
         runner = backend.load(opened.file(m.runtime.model_file), threads)
         golden = _golden(runner, opened.root, m)
         holdout = _holdout(runner, opened.root, m)
-        ins = np.load(opened.file(m.validation.inputs_file))
-        sample = {i["name"]: ins[i["name"]][0] for i in m.runtime.inputs}
+        sample = StoredInputs(opened.file(m.validation.inputs_file), m)[0]
         latency = measure_latency(runner, sample, meas.warmup_runs, runs or meas.runs, meas.max_seconds, threads)
     built = m.measurements.compiled
     result = {

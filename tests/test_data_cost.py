@@ -106,3 +106,132 @@ def test_object_member_is_refused_as_pickle(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.array([{"a": 1}] * 3, dtype=object))
     with pytest.raises(CalibrationError, match="holds Python objects"):
         load_samples("d.npz", tmp_path, SPEC, None, None, 0)
+
+
+# --- lean bundles -------------------------------------------------------------------------------------------
+
+def _members(bundle) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(bundle) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _npz(data: bytes) -> tuple[dict[str, np.ndarray], set[int]]:
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        kinds = {i.compress_type for i in z.infolist()}
+    with np.load(io.BytesIO(data)) as f:
+        return {k: f[k] for k in f.files}, kinds
+
+
+def test_digits_bundle_ships_raw_uint8_images_compressed(built):
+    out, results = built
+    files = _members(out / "digits-1.2.3-cpu.edgepack")
+    m = results["cpu"].manifest
+    assert m.validation.inputs_form == "images" and m.validation.holdout_samples == 300
+    ins, kinds = _npz(files["validation/inputs.npz"])
+    hold, _ = _npz(files["validation/holdout.npz"])
+    assert kinds == {zipfile.ZIP_DEFLATED}
+    assert ins["images"].dtype == np.uint8 and ins["images"].shape == (200, 8, 8) and set(ins) == {"images"}
+    assert hold["images"].shape == (300, 8, 8) and hold["labels"].shape == (300,)
+    # the float32 tensors it replaces: (200 + 300) samples x 1x8x8 x 4 bytes
+    payload = sum(len(files[f"validation/{n}.npz"]) for n in ("inputs", "holdout"))
+    assert payload < 0.25 * 500 * 64 * 4, payload
+
+
+def test_images_form_gives_back_the_measured_tensors(trained_project, tmp_path):
+    from edgepack.calibration.payload import write_payload
+    from edgepack.project import load_project
+    from edgepack.validation import StoredInputs
+
+    p = load_project(trained_project / "edgepack.yaml")
+    pre = p.preprocess.model_dump()
+    ev = load_samples("data/eval.npz", trained_project, p.input_specs(), pre, None, 0, p.label_names(), "evaluation")
+    vdir = tmp_path / "validation"
+    outputs = [[np.zeros((1, 10), np.float32)] for _ in range(len(ev))]
+    fields = write_payload(vdir, ev, outputs, p.input_specs(), ["logits"], pre, 40)
+    assert fields["inputs_form"] == "images" and fields["holdout_samples"] == 40
+
+    class M:  # the manifest fields StoredInputs reads
+        runtime = type("R", (), {"inputs": [s.to_json() for s in p.input_specs()]})
+        validation = type("V", (), {"inputs_form": "images"})
+        preprocess = pre
+
+    golden, hold = StoredInputs(vdir / "inputs.npz", M), StoredInputs(vdir / "holdout.npz", M)
+    assert all(np.array_equal(golden[i]["image"], ev.samples[i]["image"]) for i in range(200))
+    assert all(np.array_equal(hold[j]["image"], ev.samples[len(ev) - 40 + j]["image"]) for j in range(40))
+    assert list(hold.labels) == ev.labels[-40:]
+
+
+def test_tensors_stay_tensors_when_images_were_resized_or_not_uint8(tmp_path):
+    from edgepack.calibration.payload import write_payload
+
+    spec = [TensorSpec("image", ("batch", 1, 8, 8), "float32")]
+    pre = {"layout": "NCHW", "scale": 1 / 255, "mean": [0.5], "std": [0.5], "color": "gray"}
+    np.savez(tmp_path / "big.npz", images=np.full((5, 16, 16), 200, np.uint8), labels=np.zeros(5, int))
+    np.savez(tmp_path / "tensors.npz", image=np.zeros((5, 1, 8, 8), np.float32), labels=np.zeros(5, int))
+    for name in ("big.npz", "tensors.npz"):
+        ev = load_samples(name, tmp_path, spec, pre, None, 0)
+        fields = write_payload(tmp_path / name[:-4], ev, [[np.zeros((1, 3), np.float32)]] * 5, spec, ["y"], pre)
+        ins, _ = _npz((tmp_path / name[:-4] / "inputs.npz").read_bytes())
+        assert fields["inputs_form"] == "tensors" and ins["image"].dtype == np.float32
+        assert ins["image"].shape == (5, 1, 1, 8, 8) and fields["holdout_samples"] == 5
+
+
+def test_holdout_cap_zero_ships_no_holdout_and_text_holdouts_keep_their_first_texts(tmp_path):
+    from edgepack.calibration.payload import holdout_indices, write_payload
+    from edgepack.calibration.reader import SampleSet
+
+    spec = [TensorSpec("x", ("batch", 2), "float32")]
+    ev = SampleSet([{"x": np.full((1, 2), i, np.float32)} for i in range(500)], [i % 3 for i in range(500)], "s")
+    fields = write_payload(tmp_path / "v", ev, [[np.zeros((1, 3), np.float32)]] * 500, spec, ["y"], None, 0)
+    assert fields["holdout_file"] is None and fields["holdout_samples"] == 0
+    assert not (tmp_path / "v" / "holdout.npz").exists()
+    assert holdout_indices(ev, None, False) == list(range(200, 500))  # the default cap, from the end
+    assert holdout_indices(ev, None, True) == list(range(500))  # texts: all by default
+    assert holdout_indices(ev, 10, True) == list(range(10))  # the golden inputs are the first texts
+
+
+def test_holdout_cap_is_a_validated_project_key(project):
+    from tests.conftest import edit_yaml
+    from edgepack.errors import ConfigError
+    from edgepack.project import load_project
+
+    edit_yaml(project, "  metric: top1\n", "  metric: top1\n  holdout_samples: 50\n")
+    assert load_project(project / "edgepack.yaml").evaluation.holdout_samples == 50
+    edit_yaml(project, "holdout_samples: 50", "holdout_samples: -1")
+    with pytest.raises(ConfigError, match="holdout_samples"):
+        load_project(project / "edgepack.yaml")
+
+
+def test_a_bundle_with_float32_uncompressed_validation_files_still_validates(built, tmp_path):
+    """Bundles built before: tensors as float32 in plain np.savez files, no validation.inputs_form."""
+    import tarfile
+
+    from edgepack.bundle import Validation, file_entries, write_bundle
+    from edgepack.validation import StoredInputs, validate
+
+    out, results = built
+    staging = tmp_path / "staging"
+    with tarfile.open(out / "digits-1.2.3-cpu.edgepack") as tar:
+        tar.extractall(staging, filter="data")
+    m = results["cpu"].manifest
+    for name in ("inputs", "holdout"):
+        stored = StoredInputs(staging / "validation" / f"{name}.npz", m)
+        extra = {"labels": stored.labels} if stored.labels is not None else {}
+        np.savez(staging / "validation" / f"{name}.npz", image=np.stack([stored[i]["image"] for i in range(len(stored))]),
+                 **extra)
+    with np.load(staging / "validation" / "outputs.npz") as z:
+        outs = {k: z[k] for k in z.files}
+    np.savez(staging / "validation" / "outputs.npz", **outs)
+    v = m.validation.model_dump(exclude={"inputs_form"})
+    old = m.model_copy(update={"validation": Validation(**v), "files": file_entries(staging)})
+    assert "inputs_form" not in old.model_dump()["validation"]
+    bundle = tmp_path / "old.edgepack"
+    write_bundle(staging, old, bundle)
+    with np.load(staging / "validation" / "inputs.npz") as z:
+        assert z["image"].dtype == np.float32 and z["image"].shape == (200, 1, 1, 8, 8)
+    res = validate(bundle, report=tmp_path / "r.json", runs=5)
+    assert res["passed"] and res["golden"]["within_tolerance"] == 1.0 and res["holdout"]["samples"] == 300

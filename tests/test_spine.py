@@ -152,7 +152,7 @@ def test_assemble_writes_validation_files_and_a_typed_manifest(ctx, tmp_path):
     assert m.acceptance.passed and m.measurements.data.metric == "top1"
     assert (staging / m.validation.inputs_file).is_file() and (staging / m.validation.holdout_file).is_file()
     n = m.validation.samples
-    assert np.load(staging / m.validation.inputs_file)["image"].shape[0] == n
+    assert np.load(staging / m.validation.inputs_file)["images"].shape[0] == n and m.validation.inputs_form == "images"
     assert [s["name"] for s in m.stages] == ["data", "export"]
     assert json.loads((staging / "labels.json").read_text())[0] == "zero"
 

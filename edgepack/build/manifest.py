@@ -17,8 +17,9 @@ from edgepack.build.context import BuildContext, Outputs
 from edgepack.build.gates import comparison, device_status, gates
 from edgepack.build.plan import TargetPlan
 from edgepack.bundle import Manifest, Measured, Measurements, Runtime, Validation, content_digest, file_entries
+from edgepack.calibration.payload import write_payload
 from edgepack.measure.coverage import coverage_for, describe
-from edgepack.validation import HOLDOUT_SAMPLES, VALIDATION_SAMPLES, tolerance_for
+from edgepack.validation import tolerance_for
 
 
 @dataclass(frozen=True)
@@ -44,34 +45,14 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
     ref, got, target_fp32 = built.reference, built.measured, built.target_fp32
     project = ctx.project
     ev = ctx.evaluation
-    vdir = staging / "validation"
-    vdir.mkdir(parents=True, exist_ok=True)
-    n = min(VALIDATION_SAMPLES, len(ev))
-    in_names = [s.name for s in project.input_specs()]
-    out_names = [o.name for o in exported.outputs]
-    # samples stacked on a new first axis: each entry is one sample as the model takes it (batch 1 wherever
-    # the batch dim is, e.g. a recurrent state [layers, batch, hidden])
-    np.savez(vdir / "inputs.npz", **{k: np.stack([ev.samples[i][k] for i in range(n)]) for k in in_names})
-    np.savez(vdir / "outputs.npz", **{k: np.stack([outputs[i][j] for i in range(n)])
-                                      for j, k in enumerate(out_names)})
-    holdout_file, n_hold = None, 0
     text = _bundle_text(ctx, staging)
-    if ev.labels is not None and text is not None and ev.texts is not None:
-        # text models: the whole labelled evaluation set as raw text, tokenized on the device with the
-        # bundled tokenizer, so that `edgepack validate` reproduces the build's accuracy figure
-        with open(vdir / "holdout.jsonl", "w", encoding="utf-8") as f:
-            for t, y in zip(ev.texts, ev.labels):
-                f.write(json.dumps({"text": t, "label": int(y)}) + "\n")  # ASCII: no line breaks but "\n"
-        holdout_file, n_hold = "validation/holdout.jsonl", len(ev)
-    elif ev.labels is not None:
-        # the holdout is drawn from the end of the evaluation set, the golden vectors from its start
-        idx = list(range(len(ev)))[-min(HOLDOUT_SAMPLES, len(ev)):]
-        n_hold = len(idx)
-        np.savez(vdir / "holdout.npz", labels=np.asarray([ev.labels[i] for i in idx], np.int64),
-                 **{k: np.stack([ev.samples[i][k] for i in idx]) for k in in_names})
-        holdout_file = "validation/holdout.npz"
-    tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
     pre = project.preprocess.model_dump() if project.preprocess else None
+    # golden vectors, holdout (capped: evaluation.holdout_samples), compressed, raw images where faithful
+    payload = write_payload(staging / "validation", ev, outputs, project.input_specs(),
+                            [o.name for o in exported.outputs], pre,
+                            project.evaluation.holdout_samples if project.evaluation else None, text is not None)
+    n = payload["samples"]
+    tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
     labels = project.label_names()
     (staging / "preprocess.json").write_text(json.dumps(
         {"preprocess": pre, "inputs": [s.to_json() for s in project.input_specs()],
@@ -103,8 +84,7 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
                                         "latency_input": "first evaluation sample, batch 1"},
                                   device=device_status(profile, got)),
         acceptance=gates(project, profile, ref, got),
-        validation=Validation(inputs_file="validation/inputs.npz", outputs_file="validation/outputs.npz",
-                              holdout_file=holdout_file, samples=n, holdout_samples=n_hold, tolerance=tolerance),
+        validation=Validation(**payload, tolerance=tolerance),
         preprocess=pre, labels=labels, tuning=tuning, prune=built.prune, coverage=coverage,
         precision_choice=built.precision_choice,
         warnings=list(ctx.warnings) + list(compiled.details.get("warnings", [])) + coverage_warnings,

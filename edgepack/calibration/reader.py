@@ -34,6 +34,9 @@ class SampleSet:
     source: str
     texts: list[str] | None = None  # the raw texts, for text sources (shipped as the bundle's holdout)
     indices: list[int] | None = None  # each sample's index in its source (None: 0, 1, 2, ...), for messages
+    # for image sources: the raw uint8 image each sample was preprocessed from, where no resize was needed
+    # (None for that sample otherwise), so a bundle can ship the smaller raw image and preprocess on the device
+    raw: list[np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,7 +93,7 @@ def load_samples(
 
     ``text`` (a :class:`edgepack.text.TextEncoder`) tokenizes ``.csv``/``.jsonl`` text sources."""
     where = f"{role}.source"
-    texts = None
+    texts, raw = None, None
     if ":" in source and source.split(":")[0].endswith(".py"):
         xs, ys = _from_callable(source, root, inputs, where)
     else:
@@ -98,16 +101,16 @@ def load_samples(
         if not path.exists():
             raise ConfigError(f"{where}: {path} not found", hint="paths are relative to the project folder")
         if path.is_dir():
-            xs, ys = _from_image_folder(path, inputs, preprocess, labels, where)
+            xs, ys, raw = _from_image_folder(path, inputs, preprocess, labels, where)
         elif path.suffix == ".npz":
-            xs, ys = _from_npz(path, inputs, preprocess, where)
+            xs, ys, raw = _from_npz(path, inputs, preprocess, where)
         elif path.suffix in TEXT_SUFFIXES:
             if text is None:
                 raise ConfigError(f"{where}: {path.name} is a text file, but the model takes no text",
                                   hint="text sources need a text model (model.hf with task text-classification "
                                        "or feature-extraction)")
-            texts, raw = read_table(path, text_column, label_column, where)
-            ys = label_ids(raw, labels, f"{where} {path.name}") if raw is not None else None
+            texts, raw_labels = read_table(path, text_column, label_column, where)
+            ys = label_ids(raw_labels, labels, f"{where} {path.name}") if raw_labels is not None else None
             xs = None
         else:
             raise ConfigError(f"{where}: {path.name} is not an .npz file, an image folder, a .csv/.jsonl text "
@@ -124,6 +127,7 @@ def load_samples(
             texts = [texts[i] for i in idx]
         else:
             xs = [xs[i] for i in idx]
+            raw = [raw[i] for i in idx] if raw is not None else None
         ys = [ys[i] for i in idx] if ys is not None else None
     if ys is not None:
         ys = check_labels(ys, idx, source, len(labels) if labels else None,
@@ -134,7 +138,7 @@ def load_samples(
         check_sample(x, inputs, f"{role} sample {i} from {source}")
     for i, x in zip(idx, xs):
         check_finite(x, source, i)
-    return SampleSet(xs, ys, source, texts, idx)
+    return SampleSet(xs, ys, source, texts, idx, raw)
 
 
 def check_finite(sample: dict[str, np.ndarray], source: str, index: int) -> None:
@@ -240,7 +244,7 @@ def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str
         # one sample per entry of the first axis, given the batch dim (size 1) where the input declares it
         axes = {t.name: batch_axis(t) for t in inputs}
         return [{k: np.asarray(data[k][i]) if axes[k] is None else np.expand_dims(data[k][i], axes[k]) for k in names}
-                for i in range(n)], labels
+                for i in range(n)], labels, None
     present = [n for n in names if n in keys]
     if present:
         missing = [n for n in names if n not in keys]
@@ -254,7 +258,8 @@ def _from_npz(path: Path, inputs: list[TensorSpec], pre: dict | None, where: str
                 f"{where}: {path.name} holds raw 'images' but the project has no `preprocess` block",
                 hint="add preprocess (layout, scale, mean, std, color), or store arrays named after the inputs",
             )
-        return _images_to_samples(list(data["images"]), inputs, pre, where), labels
+        xs, raw = _images_to_samples(list(data["images"]), inputs, pre, where)
+        return xs, labels, raw
     raise CalibrationError(
         f"{where}: {path.name} has arrays {sorted(keys)}; expected one per input ({', '.join(names)}) or 'images'",
         hint="save with np.savez(path, **{input_name: array_NxShape}, labels=...)",
@@ -266,7 +271,9 @@ def _images_to_samples(images: list[np.ndarray], inputs: list[TensorSpec], pre: 
         raise ConfigError(f"{where}: raw images need a model with one input, this one has {len(inputs)}")
     t = inputs[0]
     hw = pp.spatial_size(t.shape, pre.get("layout", "NCHW"))
-    return [{t.name: pp.apply(pre, img, hw, t.dtype)[None]} for img in images]
+    raw = [img if img.dtype == np.uint8 and (hw is None or tuple(img.shape[:2]) == tuple(hw)) else None
+           for img in images]  # kept where it is the smaller form (no resize): a view or the decoded image
+    return [{t.name: pp.apply(pre, img, hw, t.dtype)[None]} for img in images], raw
 
 
 def _from_image_folder(path: Path, inputs, pre: dict | None, labels: list[str] | None, where: str):
@@ -293,7 +300,8 @@ def _from_image_folder(path: Path, inputs, pre: dict | None, labels: list[str] |
                 images.append(np.asarray(im.convert(mode)))
         except OSError as e:
             raise CalibrationError(f"{where}: cannot read image {f}: {e}") from e
-    return _images_to_samples(images, inputs, pre, where), ys
+    xs, raw = _images_to_samples(images, inputs, pre, where)
+    return xs, ys, raw
 
 
 def import_callable(spec: str, root: Path, where: str):
