@@ -9,8 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgepack import __version__
 from edgepack.artifact import ModelArtifact
 from edgepack.build.context import BuildContext, Outputs
