@@ -47,7 +47,7 @@ example-efficientnet: example-deps
 	  ../../$(BIN)/edgepack build --target cpu --target onnx --out dist
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-slow: example-deps
 	$(BIN)/python -m pytest -m slow
