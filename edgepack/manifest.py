@@ -337,6 +337,13 @@ class Manifest(Strict):
         default=None, description="how the bundled precision was chosen (select_precision): the candidates "
                                   "measured, the one chosen and why")
 
+    @model_serializer(mode="wrap")
+    def _unset_optional_fields_stay_out(self, handler: Any) -> dict[str, Any]:
+        """An optional field a manifest never had (added in a later release, e.g. precision_choice) is not
+        written as null: a bundle sealed before it was declared dumps to the same JSON, so its build id holds."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in self.model_fields_set}
+
     @model_validator(mode="after")
     def _paths_are_listed(self) -> "Manifest":
         """Every path the manifest points at is a listed file of the bundle; no file is listed twice."""

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from edgepack.api import Budget, compare
 from edgepack.cli.app import app
+from edgepack.build.plan import plan_targets
 from edgepack.compare import Cell, Row, reusable
 from edgepack.compare.rows import apply_budget
 
@@ -147,7 +148,7 @@ def test_reusable_names_what_changed(built):
     with open_bundle(results["onnx"].bundle) as b:
         m = b.manifest
     fps = {"calibration": m.calibration["fingerprint"], "evaluation": m.measurements.data["evaluation"]["fingerprint"]}
-    prof = load_target("onnx")
+    prof = plan_targets(["onnx"], precision="int8")[0].profile   # the digits project forces precision: int8
     assert reusable(m, m.source, prof, fps) is None
     assert "project file" in reusable(m, m.source.model_copy(update={"project_digest": "sha256:x"}), prof, fps)
     assert "weights" in reusable(m, m.source.model_copy(update={"weights_digest": "sha256:x"}), prof, fps)
