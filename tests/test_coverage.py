@@ -287,7 +287,7 @@ def test_build_reports_the_if_branches_it_could_not_quantize(tmp_path):
         np.savez(tmp_path / "data" / f"{name}.npz", inp=rng.normal(size=(n, 1, 3, 8, 8)).astype(np.float32)[:, 0],
                  cond=rng.random(n) < 0.5)
     (tmp_path / "edgepack.yaml").write_text(
-        "name: branchy\nversion: 0.1.0\nmodel: {path: m.onnx}\n"
+        "name: branchy\nversion: 0.1.0\nmodel: {path: m.onnx}\nprecision: int8\n"   # the INT8 path, forced
         "calibration: {source: data/calib.npz}\nevaluation: {source: data/eval.npz}\n")
     (r,) = build(tmp_path, ["onnx"], tmp_path / "out")
     cov = r.manifest.coverage
