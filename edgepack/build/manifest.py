@@ -96,7 +96,9 @@ def _color(pre: dict[str, Any]) -> str:
 
 def _coverage(compiled: ModelArtifact) -> tuple[dict[str, Any] | None, list[str]]:
     """What really runs in INT8 (ONNX QDQ and OpenVINO IR; TFLite has its float-op report), and a warning
-    when the declared precision is not what most of the model runs in."""
+    when the declared precision is not what most of the model runs in. None for a float build."""
+    if compiled.precision in ("fp32", "fp16"):
+        return None, []
     try:
         cov = coverage_for(compiled.path)
     except Exception as e:  # noqa: BLE001 - a report must never fail a build
