@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_int8  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 # ImageNet normalisation for the ResNet project (what its preprocess block says)
@@ -40,24 +43,7 @@ preprocess: {json.dumps(RESNET_PRE)}
 calibration: {{source: data/calib.npz}}
 evaluation: {{source: data/eval.npz, metric: fidelity}}
 """
-RESNET_MODEL = """\
-import torch
-from transformers import ResNetConfig, ResNetForImageClassification
-
-
-class ResNet50(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = ResNetForImageClassification(ResNetConfig())  # ResNet-50 layout, random weights
-
-    def forward(self, pixel_values):
-        return self.net(pixel_values=pixel_values).logits
-
-
-def build():
-    return ResNet50()
-"""
+RESNET_MODEL = cpu_int8.RESNET_MODEL  # the same ResNet-50 layout (random weights) as benchmarks/cpu_int8.py
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "cat", "horse", "coins", "camera", "brick", "grass"]
 
 
