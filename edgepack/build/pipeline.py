@@ -193,7 +193,7 @@ def settle_precision(job: Job, chosen: Trial, built: Built) -> Built:
             "why": "the target's runtime cannot be timed on this host: the profile's precision is kept; `edgepack "
                    "validate` on the device reports its speed there"})
     if built.compiled.precision == "fp32" or choice.policy(profile) == "fixed" or (g is not None and g >= choice.MIN_GAIN):
-        if g is not None and g < 1.0:
+        if g is not None and g < 1.0 and profile.device.kind == "cpu":  # a phone's host figure is not its own
             ctx.warn(f"{profile.name}: {built.compiled.precision} is forced (select_precision: fixed) and runs "
                      f"{g:.2f}x FP32's speed on {where}, timed in turn: slower than FP32")
         return replace(built, precision_choice=choice.kept_note(profile, g, where))
