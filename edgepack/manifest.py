@@ -248,6 +248,13 @@ class PrecisionChoice(Section):
     candidates: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class BuildTimes(Section):
+    """What the build spent: each finished stage's wall seconds and their total."""
+
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+    total_seconds: Number | None = None
+
+
 class Measured(Strict):
     """Figures for one model, all taken in the same run on the same data and threads."""
 
@@ -336,6 +343,7 @@ class Manifest(Strict):
     precision_choice: PrecisionChoice | None = Field(
         default=None, description="how the bundled precision was chosen (select_precision): the candidates "
                                   "measured, the one chosen and why")
+    timings: BuildTimes | None = Field(default=None, description="the build's stages and their wall seconds")
 
     @model_serializer(mode="wrap")
     def _unset_optional_fields_stay_out(self, handler: Any) -> dict[str, Any]:

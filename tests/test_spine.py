@@ -214,3 +214,18 @@ def test_a_manifest_written_before_the_sections_were_typed_reads_back_unchanged(
     bad["measurements"]["compiled"]["latency"]["p50_ms"] = "fast"
     with pytest.raises(Exception, match="p50_ms"):
         parse_manifest(json.dumps(bad).encode(), "hostile.edgepack")
+
+
+def test_each_bundle_says_what_its_build_spent(built):
+    """Stage times in the manifest: the shared data reading in every target, the export and the FP32
+    reference with the first target that needed them, the target's own compile and measurement."""
+    _, results = built
+    first, second = results["cpu"].manifest.timings, results["onnx"].manifest.timings
+    names = [r["stage"] for r in first.stages]
+    assert names[:2] == ["calibration data", "evaluation data"] and "measure fp32 reference" in names
+    assert any(n.startswith("compile cpu") for n in names) and not any(n.startswith("compile onnx") for n in names)
+    other = [r["stage"] for r in second.stages]
+    assert other[:2] == names[:2] and any(n.startswith("compile onnx") for n in other)
+    assert "measure fp32 reference" not in other   # cached: counted once, with the first target
+    assert first.total_seconds > 0
+    assert first.total_seconds == pytest.approx(sum(r["seconds"] for r in first.stages), abs=0.01)

@@ -53,6 +53,29 @@ class Stage:
         return time.perf_counter() - self.t0
 
 
+@dataclass
+class Timings:
+    """Wraps the progress callback and keeps each finished stage's seconds, in order: the manifest's
+    ``timings`` (so a build's cost is visible in its bundle)."""
+
+    forward: Progress
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    def __call__(self, stage: str, status: str, seconds: float | None, detail: str) -> None:
+        if status == "done" and seconds is not None:
+            self.stages.append((stage, round(seconds, 3)))
+        self.forward(stage, status, seconds, detail)
+
+    def record(self, shared: int, since: int) -> dict[str, Any]:
+        """The stages before index ``shared`` (the build's shared work) and those from ``since`` on."""
+        rows = self.stages[:shared] + self.stages[max(since, shared):]
+        return {"stages": [{"stage": n, "seconds": s} for n, s in rows],
+                "total_seconds": round(sum(s for _, s in rows), 3),
+                "note": "wall seconds of each finished stage: reading the data is listed with every target of the build, "
+                        "the export and the FP32 reference with the first target that needed them; bundling is not "
+                        "counted"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The build command's knobs (not in the project file)."""
@@ -105,6 +128,8 @@ class BuildContext:
     stages: list[StageRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     prune: dict[str, Any] | None = None     # the prune record, when the project prunes
+    timings: Timings | None = None          # the stage clock (build() sets it; progress is its wrapper)
+    shared_stages: int = 0                  # how many of its stages every target shares (reading the data)
 
     @property
     def project(self) -> Project:

@@ -34,6 +34,7 @@ class Built:
     prune: dict[str, Any] | None = None
     in_turn: dict[str, Any] | None = None
     precision_choice: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
 
 
 def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -> Manifest:
@@ -85,6 +86,7 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
         validation=Validation(**payload, tolerance=tolerance),
         preprocess=pre, labels=labels, tuning=tuning, prune=built.prune, coverage=coverage,
         precision_choice=built.precision_choice,
+        timings=built.timings,
         warnings=list(ctx.warnings) + list(compiled.details.get("warnings", [])) + coverage_warnings,
         conversion=_conversion(compiled, tuning), text=text,
     )

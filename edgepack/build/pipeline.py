@@ -16,7 +16,7 @@ from typing import Any
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.build.context import (BuildContext, BuildResult, Outcome, Progress, Reference, Settings, Stage,
-                                    TargetFailure, no_progress)
+                                    TargetFailure, Timings, no_progress)
 from edgepack.build.data import prepare_data
 from edgepack.build.manifest import Built, assemble
 from edgepack.build.measuring import REFERENCE_RUNTIME, in_turn, measure, noisy_note, reference, target_fp32, unpruned_latency
@@ -73,9 +73,11 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
     # inside --out (bundles are renamed from it); a killed build's folder is removed by the next one
     try:
         with locked_dir(out, ".edgepack-", ".build") as scratch:
+            timings = Timings(progress)
             ctx = BuildContext(resolve(project, scratch / "source"), source_of(project, find_project(project_path)),
-                               toolchain_versions(plans), settings, out, scratch, progress)
+                               toolchain_versions(plans), settings, out, scratch, timings, timings=timings)
             ctx.data = prepare_data(ctx, plans[0].profile)
+            ctx.shared_stages = len(timings.stages)
             return [_one(ctx, plan, keep_going) for plan in plans]
     except (OSError, EdgepackError) as e:
         if isinstance(e, DiskFullError) or not no_space(e):
@@ -115,6 +117,7 @@ def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
     # a phone profile's 4 threads on a 2-core build host would measure contention, not the model
     threads = ctx.settings.threads or min(profile.measurement.threads, os.cpu_count() or 1)
     final = ctx.out / bundle_name(project.name, project.version, profile.name)
+    since = len(ctx.timings.stages) if ctx.timings else 0
     art = exported(ctx, profile)
     ref = reference(ctx, art, threads, profile)
     src = compile_source(ctx, profile, backend, options, art)
@@ -126,6 +129,8 @@ def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
     chosen, tuning = compile_to_budget(ctx, plan, trials, art.path)
     job = Job(ctx, plan, art, src, ref, trials, workdir, staging, threads)
     built = settle_precision(job, chosen, job.measure(chosen, tuning))
+    if ctx.timings is not None:
+        built = replace(built, timings=ctx.timings.record(ctx.shared_stages, since))
     with Stage(progress, f"bundle {profile.name}") as st:
         manifest = write_bundle(staging, assemble(ctx, plan, built, staging), final)
         st.detail = str(final)

@@ -81,6 +81,10 @@ def inspect(
         out.print(f"quantization coverage: {escape(m['coverage']['summary'])}")
     if m.get("precision_choice"):
         _precision_choice(m["precision_choice"])
+    if m.get("timings"):
+        top = sorted(m["timings"]["stages"], key=lambda r: -r["seconds"])[:4]
+        out.print(f"build time {fmt(m['timings']['total_seconds'], 1)} s; most: "
+                  + escape(", ".join(f"{r['stage']} {r['seconds']:.1f} s" for r in top)))
     if m.get("warnings"):
         for w in m["warnings"]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
