@@ -24,11 +24,14 @@ REFERENCE_RUNTIME = "onnxruntime"
 
 
 def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[Path], root: Path, threads: int,
-            profile: TargetProfile, what: str) -> tuple[Measured, Outputs]:
+            profile: TargetProfile, what: str, outputs: Outputs | None = None) -> tuple[Measured, Outputs]:
     """Outputs on the whole evaluation set, latency (and at the dims' sizes), peak memory and size.
-    ``accuracy`` is left for the caller, which knows what to score against."""
+    ``accuracy`` is left for the caller, which knows what to score against. ``outputs``: this very
+    model's outputs on the evaluation set when they were already computed (the chosen trial's, on the
+    same runtime and files), so the set is not run twice."""
     runner, proxy = backend.host_runner(model_file, threads)
-    outputs = acc.run_all(runner, ctx.evaluation)
+    if outputs is None or len(outputs) != len(ctx.evaluation):
+        outputs = acc.run_all(runner, ctx.evaluation)
     m = profile.measurement
     sample = ctx.evaluation.samples[0]
     latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)

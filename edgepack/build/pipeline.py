@@ -159,7 +159,8 @@ class Job:
         compiled = move_into(chosen.compiled, self.staging / "model")
         with Stage(progress, f"measure {profile.name}") as st:
             measured, outputs = measure(ctx, backend, compiled.path, list(compiled.all_files), self.staging, threads,
-                                        profile, f"compiled: {why or precision_label(compiled, profile)} on {backend.name}")
+                                        profile, f"compiled: {why or precision_label(compiled, profile)} on {backend.name}",
+                                        chosen.outputs)
             measured.accuracy = self.trials.score(outputs)
             st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
         if ctx.prune is not None and self.prune is None:
