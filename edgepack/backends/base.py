@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import ModelArtifact, ModelFormat
+from edgepack.interrupts import check
 from edgepack.errors import ConfigError, MissingDependencyError, did_you_mean
 
 ENTRY_POINT_GROUP = "edgepack.backends"
@@ -90,9 +91,12 @@ class Backend(ABC):
 
     def _import(self, module: str, purpose: str) -> Any:
         try:
-            return importlib.import_module(module)
+            found = importlib.import_module(module)
         except ImportError as e:
+            check()  # an interrupted import is the interrupt, not a missing toolchain
             raise MissingDependencyError(module.split(".")[0], self.extra, purpose) from e
+        check()
+        return found
 
     @abstractmethod
     def check_environment(self, compile: bool = True) -> dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 from edgepack.artifact import ModelArtifact, StageRecord
 from edgepack.bundle import Manifest, Measured, Source
 from edgepack.calibration.reader import SampleSet
+from edgepack.interrupts import check
 from edgepack.loaders.resolve import Resolved
 from edgepack.measure.accuracy import MetricPlan
 from edgepack.project import Project
@@ -39,12 +40,15 @@ class Stage:
         self.t0 = time.perf_counter()
 
     def __enter__(self) -> "Stage":
+        check()  # Ctrl-C or SIGTERM that arrived during an import is raised here, between stages
         self.t0 = time.perf_counter()
         self.progress(self.name, "start", None, "")
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.seconds = time.perf_counter() - self.t0
+        if exc_type is None:
+            check()
         self.progress(self.name, "done" if exc_type is None else "failed", self.seconds,
                       self.detail if exc_type is None else "")
 

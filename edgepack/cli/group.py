@@ -11,11 +11,7 @@ from typer.core import TyperGroup
 
 from edgepack.errors import (ConfigError, DiskFullError, EdgepackError, InterruptedBuildError, TerminatedError,
                              no_space)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that every `finally` and context manager cleans up
-    exactly as for Ctrl-C (see :mod:`edgepack.cli.main`)."""
+from edgepack.interrupts import Terminated, check  # Terminated: SIGTERM as a KeyboardInterrupt
 
 
 def report(exc: EdgepackError) -> None:
@@ -59,7 +55,10 @@ class EdgepackGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            check()
+            result = super().invoke(ctx)
+            check()  # a signal noted during an import the command did last
+            return result
         except (KeyboardInterrupt, EdgepackError, OSError) as e:
             if (ctx.obj or {}).get("debug"):
                 import traceback

@@ -4,21 +4,17 @@ traceback; errors are mapped in :mod:`edgepack.cli.group`."""
 
 from __future__ import annotations
 
-import signal
 import sys
 
-
-def _on_sigterm(signum, frame) -> None:
-    from edgepack.cli.group import Terminated
-
-    raise Terminated()
+from edgepack import interrupts
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
     try:
         from edgepack.cli.app import app
 
+        interrupts.check()  # a signal that arrived while the CLI's modules loaded
         app(prog_name="edgepack")
     except KeyboardInterrupt as e:  # before a command started (imports) or after it ended
         from edgepack.cli.group import interrupted, report
