@@ -28,8 +28,10 @@ def _build_args(project: Path, out: Path) -> list[str]:
 
 def _signal_at(args: list[str], sig: int, after_line: str | None, delay_s: float = 0.0) -> Outcome:
     """Run edgepack, send ``sig`` when a stderr line contains ``after_line`` (or after ``delay_s``)."""
+    # Ctrl-C as a terminal delivers it, even when this test run was started with it ignored (nohup, `&`)
     proc = subprocess.Popen([sys.executable, "-m", "edgepack.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ | ENV)
+                            stderr=subprocess.PIPE, text=True, env=os.environ | ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     if after_line is None:
         time.sleep(delay_s)
