@@ -32,13 +32,18 @@ class TargetPlan:
         return self.problem is None
 
 
-def plan_target(spec: str, targets_dirs: list[Path] | None = None, precision: str | None = None) -> TargetPlan:
-    """Load the profile (unknown names are a ConfigError), then check its backend: registered, offering
-    the profile's precision, options valid, toolchain installed. A backend problem is raised.
-    ``precision`` (the project's ``precision:``) is forced on the profile: ``select_precision: fixed``."""
+def profile_for(spec: str, targets_dirs: list[Path] | None = None, precision: str | None = None) -> TargetProfile:
+    """The profile named ``spec`` (unknown names are a ConfigError), with the project's ``precision:``
+    forced on it when one is given (``select_precision: fixed``)."""
     profile = load_target(spec, targets_dirs)
     if precision is not None:
         profile = profile.model_copy(update={"precision": precision, "select_precision": "fixed"})
+    return profile
+
+
+def plan_target(spec: str, profile: TargetProfile) -> TargetPlan:
+    """Check the profile's backend: registered, offering the profile's precision, options valid,
+    toolchain installed. A backend problem is raised."""
     backend = get_backend(profile.backend, needed_by=f"target '{profile.name}' ({profile.source})")
     backend.check_profile(profile)  # its precision and tensor types are ones the backend offers
     options = backend.options(profile.backend_options, f"{profile.source}: backend_options")
@@ -55,18 +60,15 @@ def plan_targets(specs: list[str], targets_dirs: list[Path] | None = None, stric
     plans: list[TargetPlan] = []
     seen: set[str] = set()
     for spec in specs:
-        if strict:
-            plan = plan_target(spec, targets_dirs, precision)
-        else:
-            profile = load_target(spec, targets_dirs)
-            if precision is not None:
-                profile = profile.model_copy(update={"precision": precision, "select_precision": "fixed"})
-            try:
-                plan = plan_target(spec, targets_dirs, precision)
-            except EdgepackError as e:
-                plan = TargetPlan(spec, profile, None, None, e.message)
-        if plan.profile.name not in seen:
-            seen.add(plan.profile.name)
+        profile = profile_for(spec, targets_dirs, precision)
+        try:
+            plan = plan_target(spec, profile)
+        except EdgepackError as e:
+            if strict:
+                raise
+            plan = TargetPlan(spec, profile, None, None, e.message)
+        if profile.name not in seen:
+            seen.add(profile.name)
             plans.append(plan)
     return plans
 
@@ -87,12 +89,5 @@ def toolchain_versions(plans: list[TargetPlan]) -> dict[str, str]:
 
 
 def backend_versions(backend: Backend) -> dict[str, str]:
-    versions = getattr(backend, "versions", None)
-    found = dict(versions(True) if versions else backend.check_environment(compile=True))
-    for pkg in getattr(backend, "packages", ()):
-        if pkg not in found:
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-    return {k: str(v) for k, v in found.items()}
+    """What the manifest records of one backend: its ``versions()`` (runtime package, packages, toolchain)."""
+    return {k: str(v) for k, v in backend.versions(True).items()}
