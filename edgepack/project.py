@@ -6,20 +6,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import TensorSpec
 from edgepack.errors import ConfigError
+from edgepack.project_data import (METRIC_NAMES, Calibration, DataSource, Evaluation, MetricSpec,  # noqa: F401
+                                   Strict)
 from edgepack.yamlio import load_model
 
 PROJECT_FILE = "edgepack.yaml"
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8", "bool")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 HF_TASKS = ("text-classification", "feature-extraction", "image-classification")
@@ -144,72 +142,6 @@ class Preprocess(Strict):
         if any(s == 0 for s in self.std):
             raise ValueError("std values must not be zero")
         return self
-
-
-class DataSource(Strict):
-    """``source``: an ``.npz`` file, an image folder, ``file.py:function`` yielding samples, or (for
-    text models) a ``.csv`` / ``.jsonl`` file with a text column and an optional label column."""
-
-    source: str
-    samples: int | None = Field(default=None, gt=0)
-    seed: int = 0
-    text_column: str = Field(default="text", description="for .csv/.jsonl sources: the column holding the text")
-    label_column: str | None = Field(default=None, description="for .csv/.jsonl sources: the label column (default: 'label' if present)")
-
-
-class Calibration(DataSource):
-    min_samples: int = Field(default=100, gt=0, description="warn below this many calibration samples")
-
-
-METRIC_NAMES = ("top1", "fidelity", "iou", "mae", "rmse")
-
-
-def _check_metric_name(v: str) -> str:
-    if v in METRIC_NAMES or re.fullmatch(r"[\w./-]+\.py:\w+", v):
-        return v
-    raise ValueError(f"unknown metric '{v}': use {', '.join(METRIC_NAMES)} or file.py:function")
-
-
-class MetricSpec(Strict):
-    """One metric on one output (see edgepack/measure/accuracy.py)."""
-
-    output: str | None = Field(default=None, description="the output it scores (default: the first)")
-    metric: str = Field(default="fidelity", description="top1 | fidelity | iou | mae | rmse | file.py:function")
-    threshold: float = Field(default=0.5, description="iou: an element is in the mask when it is above this")
-    gate: bool = Field(default=False, description="this metric is the one the accuracy budget gates on "
-                                                  "(default: the first listed)")
-
-    _known = field_validator("metric")(classmethod(lambda cls, v: _check_metric_name(v)))
-
-
-class Evaluation(DataSource):
-    metric: str | list[MetricSpec] | None = Field(
-        default=None, description="a metric name (on the first output; fidelity on the others), or a list "
-                                  "of {output, metric, threshold, gate}")
-    holdout_samples: int | None = Field(default=None, ge=0, description="labelled samples the bundle ships for validate")
-
-    @field_validator("metric", mode="before")
-    @classmethod
-    def _metrics(cls, v):
-        if v is None:
-            return v
-        if isinstance(v, str):
-            return _check_metric_name(v)
-        if not isinstance(v, list) or not v:
-            raise ValueError("a metric name, or a non-empty list of {output, metric, threshold, gate}")
-        specs = []
-        for i, item in enumerate(v):
-            item = {"metric": item} if isinstance(item, str) else item
-            try:
-                specs.append(MetricSpec.model_validate(item))
-            except PydanticValidationError as e:
-                first = e.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"item {i}{' ' + where if where else ''}: "
-                                 f"{first['msg'].removeprefix('Value error, ')}") from None
-        if sum(m.gate for m in specs) > 1:
-            raise ValueError("more than one metric has gate: true; the budget gates on one")
-        return specs
 
 
 class Finetune(Strict):
