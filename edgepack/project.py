@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import TensorSpec
 from edgepack.errors import ConfigError
 from edgepack.project_data import (METRIC_NAMES, Calibration, DataSource, Evaluation, MetricSpec,  # noqa: F401
                                    Strict)
+from edgepack.prune_spec import Finetune, Prune, with_prune_flags  # noqa: F401
 from edgepack.yamlio import load_model
 
 PROJECT_FILE = "edgepack.yaml"
@@ -57,7 +57,7 @@ class ModelSource(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSource":
+    def _one_source(self) -> ModelSource:
         if (self.path is None) == (self.hf is None):
             raise ValueError("give exactly one of 'path' (file.py:factory, .pt2, .onnx) and 'hf' (a local folder)")
         if self.hf is not None:
@@ -108,7 +108,7 @@ class DimSpec(Strict):
     measure: list[int] = Field(default_factory=list, description="representative sizes latency is reported at")
 
     @model_validator(mode="after")
-    def _order(self) -> "DimSpec":
+    def _order(self) -> DimSpec:
         if self.max is not None:
             if self.min > self.max or (self.opt is not None and not self.min <= self.opt <= self.max):
                 raise ValueError("need min <= opt <= max")
@@ -136,50 +136,11 @@ class Preprocess(Strict):
     color: Literal["rgb", "bgr", "gray"] = "rgb"
 
     @model_validator(mode="after")
-    def _check(self) -> "Preprocess":
+    def _check(self) -> Preprocess:
         if len(self.mean) != len(self.std):
             raise ValueError("mean and std need one value per channel (same length)")
         if any(s == 0 for s in self.std):
             raise ValueError("std values must not be zero")
-        return self
-
-
-class Finetune(Strict):
-    """Recovery training after pruning. ``data`` is labelled training data given like a calibration
-    source (default: the calibration source); without labels the pruned model is distilled from the
-    unpruned one."""
-
-    epochs: int = Field(gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=64, gt=0)
-    data: DataSource | None = None
-
-
-class Prune(Strict):
-    method: Literal["structured", "sparse-2of4"] = "structured"
-    ratio: float | None = Field(default=None, gt=0, lt=1, description="share of channels removed per layer")
-    target_macs: float | None = Field(default=None, gt=0, lt=1, description="share of MACs to remove")
-    target_params: float | None = Field(default=None, gt=0, lt=1, description="share of parameters to remove")
-    importance: Literal["l1", "l2"] = "l1"
-    ignore: list[str] | None = Field(default=None, description="module names kept whole (default: the classifier)")
-    layers: dict[str, float] = Field(default_factory=dict,
-                                     description="share of output channels removed from named layers; the amount "
-                                                 "above (ratio or the searched one) applies to the others")
-    round_to: int | None = Field(default=None, ge=2, description="keep pruned channel counts a multiple of N")
-    finetune: Finetune | None = None
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _amount(self) -> "Prune":
-        given = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k) is not None]
-        if self.method == "structured" and (len(given) > 1 or not (given or self.layers)):
-            raise ValueError("structured pruning needs exactly one of ratio, target_macs, target_params (or layers)")
-        if self.method == "sparse-2of4" and (given or self.layers or self.round_to):
-            extra = given + [k for k in ("layers", "round_to") if getattr(self, k)]
-            raise ValueError(f"sparse-2of4 fixes the amount at 50% of weights; remove {', '.join(extra)}")
-        bad = {k: v for k, v in self.layers.items() if not 0 < v < 1}
-        if bad:
-            raise ValueError(f"layers: ratios must be between 0 and 1 (exclusive), got {bad}")
         return self
 
 
@@ -233,7 +194,7 @@ class Project(Strict):
         return {"path": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _inputs_needed(self) -> "Project":
+    def _inputs_needed(self) -> Project:
         if self.inputs is None and self.model.kind in ("callable", "pt2"):
             raise ValueError("'inputs' is required for a PyTorch model (name, shape, dtype of each input); "
                              "it is read from the file only for .onnx and hf sources")
@@ -283,50 +244,3 @@ def load_project(path: Path | None = None) -> Project:
     file = find_project(path)
     project = load_model(file, Project)
     return project.model_copy(update={"root": file.parent.resolve()})
-
-
-_AMOUNTS = {"ratio": "--prune-ratio", "target_macs": "--prune-macs", "target_params": "--prune-params"}
-
-
-def with_prune_flags(project: Project, flags: dict[str, Any]) -> Project:
-    """``project`` with the build command's ``--prune*`` flags laid over its ``prune`` block.
-
-    ``flags`` holds ``method`` (structured, sparse-2of4 or off), ``ratio``, ``target_macs``,
-    ``target_params`` and ``finetune_epochs``; None means not given. An amount flag replaces the
-    block's amount; ``off`` drops the block."""
-    given = {k: v for k, v in flags.items() if v is not None}
-    if not given:
-        return project
-    if given.get("method") == "off":
-        if len(given) > 1:
-            raise ConfigError("--prune off cannot be combined with other --prune-* flags",
-                              hint="drop --prune off to prune, or the other --prune-* flags to build unpruned")
-        return project.model_copy(update={"prune": None})
-    base = project.prune.model_dump(exclude_none=True, exclude_defaults=True) if project.prune else {}
-    if "finetune" in base and project.prune and project.prune.finetune:
-        base["finetune"] = project.prune.finetune.model_dump(exclude_none=True)
-    if any(k in given for k in _AMOUNTS) or given.get("method") == "sparse-2of4":
-        for k in _AMOUNTS:
-            base.pop(k, None)
-    if given.get("method") == "sparse-2of4":
-        base.pop("layers", None)
-        base.pop("round_to", None)
-    for k in ("method", *_AMOUNTS):
-        if k in given:
-            base[k] = given[k]
-    if "method" not in given and any(k in given for k in _AMOUNTS):
-        base["method"] = "structured"  # an amount means channel pruning
-    if "finetune_epochs" in given:
-        if given["finetune_epochs"] == 0:
-            base.pop("finetune", None)
-        else:
-            base["finetune"] = {**base.get("finetune", {}), "epochs": given["finetune_epochs"]}
-    used = ", ".join(_AMOUNTS.get(k, f"--prune{'' if k == 'method' else '-' + k.replace('_', '-')}") for k in given)
-    try:
-        prune = Prune.model_validate(base)
-    except PydanticValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise ConfigError(f"{used}: {'prune.' + where + ': ' if where else ''}{first.get('msg', 'invalid value')}",
-                          hint="e.g. --prune structured --prune-macs 0.4 (shares are between 0 and 1)") from e
-    return project.model_copy(update={"prune": prune})
