@@ -9,9 +9,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,36 @@ from pydantic import ValidationError as PydanticValidationError
 
 from edgepack.artifact import digest_paths, sha256_file
 from edgepack.errors import BundleError, ConfigError, DiskFullError
-from edgepack.manifest import (MANIFEST, SCHEMA_VERSION, SIGNATURE, SUFFIX, Acceptance, FileEntry, Manifest, Measured,
-                               Measurements, Runtime, Source, Validation, manifest_schema, safe_member_path)
+from edgepack.manifest import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SIGNATURE,
+    SUFFIX,
+    VALIDATION_DIR,
+    VALIDATION_SUFFIX,
+    Acceptance,
+    FileEntry,
+    Manifest,
+    Measured,
+    Measurements,
+    Runtime,
+    Source,
+    Validation,
+    ValidationArtifact,
+    manifest_schema,
+    safe_member_path,
+)
+from edgepack.tarsafe import (
+    COMPRESSED,
+    extract_members,
+    free_bytes,
+    read_members,
+    write_tar,
+)
 
 # What an archive may hold before anything is written (see read_archive). A bundle is a plain tar:
 # its members cannot unpack to more bytes than the archive has, and each member's size must be the
 # one the manifest lists. The caps bound what a hostile header can make edgepack read or allocate.
-MAX_MEMBERS = 10_000
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_BYTES_ENV = "EDGEPACK_MAX_BUNDLE_BYTES"
@@ -49,9 +70,25 @@ def _covered(root: Path, p: Path) -> bool:
     return p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() != SIGNATURE
 
 
-def content_digest(root: Path) -> str:
+def content_digest(root: Path, apart: dict[str, str] | None = None) -> str:
+    """The digest of the files under ``root``; ``apart`` (path -> sha256) stands in for listed files that
+    ship in the separate validation artifact and are not there."""
     files = [p for p in root.rglob("*") if _covered(root, p)]
-    return "sha256:" + digest_paths(files, root)
+    missing = {rel: sha for rel, sha in (apart or {}).items() if not (root / rel).is_file()}
+    if not missing:
+        return "sha256:" + digest_paths(files, root)
+    h = hashlib.sha256()
+    for p in sorted(files + [root / rel for rel in missing]):
+        rel = p.relative_to(root).as_posix()
+        h.update(rel.encode() + b"\0" + (missing.get(rel) or sha256_file(p)).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def apart_files(manifest: Manifest) -> dict[str, str]:
+    """The listed files a separate validation artifact holds (path -> sha256); empty for inline ones."""
+    if manifest.validation.artifact is None:
+        return {}
+    return {f.path: f.sha256 for f in manifest.files if f.path.startswith(VALIDATION_DIR + "/")}
 
 
 def seal(root: Path, manifest: "Manifest") -> str:
@@ -60,35 +97,43 @@ def seal(root: Path, manifest: "Manifest") -> str:
     recompute it: only a signature protects against that)."""
     body = manifest.model_dump(mode="json", exclude={"build_id"})
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-    h = hashlib.sha256(content_digest(root).encode())
+    h = hashlib.sha256(content_digest(root, apart_files(manifest)).encode())
     h.update(b"\n")
     h.update(canonical.encode())
     return "sha256:" + h.hexdigest()
 
 
-def write_bundle(staging: Path, manifest: Manifest, out: Path) -> Manifest:
+def write_bundle(staging: Path, manifest: Manifest, out: Path, separate_validation: bool = False) -> Manifest:
     """Seal the manifest (build id), write it into ``staging``, tar it, then rename into place.
     The partial archive is written beside ``staging`` when that is on ``out``'s file system (so a
-    killed build leaves it inside its own scratch folder), else beside ``out``. Returns the sealed manifest."""
-    manifest = manifest.model_copy(update={"build_id": seal(staging, manifest)})
-    (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    killed build leaves it inside its own scratch folder), else beside ``out``. Returns the sealed manifest.
+
+    With ``separate_validation`` the ``validation/`` files go into ``<out>.validation`` (renamed into
+    place first, so a bundle never appears without it); the manifest lists them and that file's digest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = staging.parent if os.stat(staging.parent).st_dev == os.stat(out.parent).st_dev else out.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=tmp_dir)
-    os.close(fd)
+    files = sorted(q for q in staging.rglob("*") if q.is_file() and q.name != MANIFEST)
+    apart = [q for q in files if q.relative_to(staging).parts[0] == VALIDATION_DIR] if separate_validation else []
+    art_out = out.with_name(out.name + VALIDATION_SUFFIX)
+    temps: list[Path] = []
     try:
-        with tarfile.open(tmp, "w") as tar:
-            for p in [staging / MANIFEST] + sorted(q for q in staging.rglob("*") if q.is_file() and q.name != MANIFEST):
-                info = tar.gettarinfo(str(p), arcname=p.relative_to(staging).as_posix())
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = 0o644
-                with open(p, "rb") as f:
-                    tar.addfile(info, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        if apart:
+            temps.append(write_tar(apart, staging, tmp_dir, art_out.name))
+            artifact = ValidationArtifact(file=art_out.name, sha256="sha256:" + sha256_file(temps[-1]),
+                                          bytes=temps[-1].stat().st_size)
+            manifest = manifest.model_copy(update={"validation": manifest.validation.model_copy(
+                update={"artifact": artifact})})
+        manifest = manifest.model_copy(update={"build_id": seal(staging, manifest)})
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        temps.append(write_tar([staging / MANIFEST] + [q for q in files if q not in apart], staging, tmp_dir, out.name))
+        if apart:
+            os.replace(temps[0], art_out)
+        os.replace(temps[-1], out)
+        if not apart:
+            art_out.unlink(missing_ok=True)  # an earlier build's, which this bundle does not use
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for t in temps:
+            t.unlink(missing_ok=True)
         raise
     return manifest
 
@@ -98,6 +143,7 @@ class OpenedBundle:
     path: Path
     root: Path
     manifest: Manifest
+    validation_files: bool = True  # False: they ship apart and no <bundle>.validation was found
 
     def file(self, rel: str) -> Path:
         return self.root / rel
@@ -129,9 +175,6 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise BundleError(f"{where}: manifest.json is not valid JSON: {str(e)[:200]}") from e
 
 
-_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-
-
 def max_bundle_bytes() -> int:
     raw = os.environ.get(MAX_BYTES_ENV)
     if raw is None:
@@ -143,26 +186,6 @@ def max_bundle_bytes() -> int:
     except ValueError:
         raise ConfigError(f"${MAX_BYTES_ENV}={raw[:40]!r}: not a positive number of bytes") from None
     return value
-
-
-def _members(tar: tarfile.TarFile, where: str) -> dict[str, tarfile.TarInfo]:
-    """The archive's members by normalised name, read header by header (nothing extracted):
-    regular files and folders only, each name once, every name inside the bundle."""
-    found: dict[str, tarfile.TarInfo] = {}
-    while True:
-        m = tar.next()
-        if m is None:
-            return found
-        if len(found) >= MAX_MEMBERS:
-            raise BundleError(f"{where}: the archive holds more than {MAX_MEMBERS} members; a bundle has a few dozen")
-        name = safe_member_path(m.name)
-        if name is None:
-            raise BundleError(f"{where}: refusing archive member {m.name[:120]!r} that points outside the bundle")
-        if m.issparse() or not (m.isreg() or m.isdir()):
-            raise BundleError(f"{where}: refusing archive member {name!r} (links and devices are not allowed)")
-        if name in found:
-            raise BundleError(f"{where}: archive member {name!r} appears twice (only one copy can be trusted)")
-        found[name] = m
 
 
 def _check_members(members: dict[str, tarfile.TarInfo], manifest: Manifest, where: str) -> int:
@@ -186,7 +209,7 @@ def _check_members(members: dict[str, tarfile.TarInfo], manifest: Manifest, wher
                               "(truncated or modified)")
     if unlisted:
         raise BundleError(f"{where}: files not listed in the manifest: {', '.join(sorted(unlisted)[:5])}")
-    missing = sorted(set(listed) - set(members))
+    missing = sorted(set(listed) - set(members) - set(apart_files(manifest)))
     if missing:
         raise BundleError(f"{where}: file '{missing[0]}' listed in the manifest is missing")
     cap = max_bundle_bytes()
@@ -194,12 +217,6 @@ def _check_members(members: dict[str, tarfile.TarInfo], manifest: Manifest, wher
         raise BundleError(f"{where}: the bundle unpacks to {total:,} bytes, more than the limit of {cap:,}",
                           hint=f"raise ${MAX_BYTES_ENV} if this bundle is expected to be that large")
     return total
-
-
-def _free_bytes(folder: Path) -> int:
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
 
 
 def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Manifest:
@@ -215,12 +232,12 @@ def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Man
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-        for magic, kind in _COMPRESSED.items():
+        for magic, kind in COMPRESSED.items():
             if head.startswith(magic):
                 raise BundleError(f"{where}: a {kind}-compressed archive; edgepack bundles are plain tar files",
                                   hint="fetch the .edgepack file itself; bundles are never compressed")
         with tarfile.open(path, "r:") as tar:
-            members = _members(tar, where)
+            members = read_members(tar, where)
             man = members.get(MANIFEST)
             if man is None or not man.isreg():
                 raise BundleError(f"{where}: no manifest.json inside")
@@ -234,11 +251,11 @@ def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Man
             total = _check_members(members, manifest, where)
             if dest is None:
                 return manifest
-            free = _free_bytes(dest)
+            free = free_bytes(dest)
             if total + DISK_MARGIN_BYTES > free:
                 raise DiskFullError(f"{dest}: the bundle unpacks to {total:,} bytes and only {free:,} are free; "
                                     "nothing was written")
-            _extract(tar, members, dest)
+            extract_members(tar, members, dest)
             return manifest
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"{where}: not a readable bundle archive (truncated or corrupt?): {e}") from e
@@ -251,30 +268,12 @@ def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Man
         raise BundleError(f"{where}: cannot read the bundle: {e.strerror or e}") from e
 
 
-def _extract(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, m in sorted(members.items()):
-        target = dest / name
-        if m.isdir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = tar.extractfile(m)
-        with open(target, "xb") as out:
-            remaining = m.size
-            while remaining:
-                chunk = src.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise BundleError(f"{tar.name}: member '{name}' ends early (truncated archive)")
-                out.write(chunk)
-                remaining -= len(chunk)
-        os.chmod(target, 0o644)
-
-
 @contextlib.contextmanager
-def open_bundle(path: Path, verify: bool = True) -> Iterator[OpenedBundle]:
+def open_bundle(path: Path, verify: bool = True, validation: Path | None = None) -> Iterator[OpenedBundle]:
     """Extract ``path`` into a temporary folder (see :func:`read_archive`), read and (by default)
-    verify it. A folder is read in place."""
+    verify it. A folder is read in place. When the bundle's validation files ship apart, they are read
+    from ``validation`` or ``<path>.validation`` into the extracted copy; without that file the bundle
+    opens with ``validation_files`` False (everything else verified)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: bundle not found")
@@ -288,16 +287,50 @@ def open_bundle(path: Path, verify: bool = True) -> Iterator[OpenedBundle]:
         manifest = parse_manifest(mfile.read_bytes(), where)
         if verify:
             verify_files(path, manifest, where)
-        yield OpenedBundle(path, path, manifest)
+        yield OpenedBundle(path, path, manifest, all((path / f).is_file() for f in apart_files(manifest)))
         return
     from edgepack.scratch import locked_dir
 
     with locked_dir(None, "edgepack-bundle-") as tmp:  # a killed reader's copy is removed by the next one
         root = tmp / "bundle"
         manifest = read_archive(path, root, where)
+        present = attach_validation(path, root, manifest, validation)
         if verify:
             verify_files(root, manifest, where)
-        yield OpenedBundle(path, root, manifest)
+        yield OpenedBundle(path, root, manifest, present)
+
+
+def attach_validation(bundle: Path, root: Path, manifest: Manifest, artifact: Path | None = None) -> bool:
+    """Unpack the bundle's separate validation files (``artifact``, else ``<bundle>.validation``, else
+    the file name the manifest recorded, beside the bundle) into ``root``. The file must have the
+    digest the manifest records and hold exactly the listed validation files. True when the bundle's
+    validation files are in ``root`` (also when they were inside it); False when none was found."""
+    apart = apart_files(manifest)
+    if not apart or all((root / f).is_file() for f in apart):
+        return True
+    rec = manifest.validation.artifact
+    found = [p for p in ([artifact] if artifact else [bundle.with_name(bundle.name + VALIDATION_SUFFIX),
+                                                      bundle.with_name(rec.file)]) if p.is_file()]
+    if not found:
+        if artifact is not None:
+            raise ConfigError(f"{artifact}: validation file not found")
+        return False
+    art = found[0]
+    if art.stat().st_size != rec.bytes or "sha256:" + sha256_file(art) != rec.sha256:
+        raise BundleError(f"{art}: not this bundle's validation file (its sha256 or size differs from the "
+                          f"manifest's {rec.sha256[:19]}...)", hint=f"fetch {rec.file} built with {bundle.name}")
+    where = str(art)
+    try:
+        with tarfile.open(art, "r:") as tar:
+            members = read_members(tar, where)
+            files = {n: m for n, m in members.items() if not m.isdir()}
+            listed = {f.path: f.bytes for f in manifest.files if f.path in apart}
+            if set(files) != set(listed) or any(files[n].size != listed[n] for n in files):
+                raise BundleError(f"{where}: does not hold exactly the bundle's listed validation files")
+            extract_members(tar, files, root)
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleError(f"{where}: not a readable validation archive (truncated or corrupt?): {e}") from e
+    return True
 
 
 def verify_files(root: Path, manifest: Manifest, where: str) -> None:
@@ -310,8 +343,11 @@ def verify_files(root: Path, manifest: Manifest, where: str) -> None:
                 raise BundleError(f"{where}: '{p.relative_to(root).as_posix()}' is a link or a device; "
                                   "a bundle holds plain files only")
     listed = {f.path for f in manifest.files}
+    apart = apart_files(manifest)
     for f in manifest.files:
         p = root / f.path
+        if not p.is_file() and f.path in apart:
+            continue  # shipped in the separate validation artifact; its sha256 stands in for it in the seal
         if not p.is_file():
             raise BundleError(f"{where}: file '{f.path}' listed in the manifest is missing")
         size = p.stat().st_size
@@ -329,7 +365,8 @@ def verify_files(root: Path, manifest: Manifest, where: str) -> None:
                           hint="fetch the bundle again from its publisher; do not edit a bundle")
 
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "SUFFIX", "Acceptance", "FileEntry", "Manifest", "Measured",
-           "Measurements", "OpenedBundle", "Runtime", "Source", "Validation", "bundle_name", "content_digest",
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "SUFFIX", "VALIDATION_SUFFIX", "Acceptance", "FileEntry", "Manifest", "Measured",
+           "Measurements", "OpenedBundle", "Runtime", "Source", "Validation", "ValidationArtifact", "apart_files",
+           "attach_validation", "bundle_name", "content_digest",
            "file_entries", "manifest_schema", "open_bundle", "parse_manifest", "read_archive", "read_manifest_json",
            "safe_member_path", "seal", "verify_files", "write_bundle"]

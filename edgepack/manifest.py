@@ -18,6 +18,8 @@ MANIFEST = "manifest.json"
 # cannot list its own signature, so this one root file is the only one allowed outside the listing.
 SIGNATURE = "signature.json"
 SUFFIX = ".edgepack"
+VALIDATION_DIR = "validation"
+VALIDATION_SUFFIX = ".validation"  # <bundle>.validation: the validation files shipped apart
 
 # Manifest fields that name folders on a device (`<name>-<version>-<target>-<build12>`): no separators,
 # no `..`, no control characters. The same patterns are enforced on the project file and profiles.
@@ -289,6 +291,16 @@ class Acceptance(Strict):
     reasons: list[str]
 
 
+class ValidationArtifact(Strict):
+    """The validation files shipped beside the bundle (``<bundle>.validation``, a plain tar of
+    ``validation/``) instead of inside it; the manifest still lists each file with its sha256."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,250}\.validation$",
+                      description="its file name when written (looked for beside the bundle)")
+    sha256: str = Field(pattern=DIGEST_PATTERN)
+    bytes: int = Field(ge=0)
+
+
 class Validation(Strict):
     inputs_file: str
     outputs_file: str
@@ -300,6 +312,11 @@ class Validation(Strict):
         default=None, description="how inputs.npz and holdout.npz hold the inputs: 'tensors' (one array per input, "
                                   "as the model takes it; also when absent) or 'images' (raw uint8 images under "
                                   "'images', preprocessed on the device with the manifest's `preprocess`)")
+    budget_bytes: int | None = Field(
+        default=None, ge=0, description="the bytes the validation files were sized to when the project left the "
+                                        "golden/holdout counts at their defaults (0.8x the compiled model, at least 1 MiB)")
+    artifact: ValidationArtifact | None = Field(
+        default=None, description="present when the validation files ship as a separate artifact, not inside")
 
     @model_serializer(mode="wrap")
     def _written_keys(self, handler: Any) -> dict[str, Any]:

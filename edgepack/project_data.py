@@ -58,6 +58,9 @@ class Evaluation(DataSource):
     golden_samples: int | None = Field(default=None, gt=0, le=10_000,
                                        description="samples whose compiled outputs the bundle ships for validate "
                                                    "(default: up to 200, within the validation budget)")
+    separate_validation: bool = Field(default=False,
+                                      description="ship the validation files as <bundle>.validation beside the "
+                                                  "bundle, not inside it (also: edgepack build --separate-validation)")
 
     @field_validator("metric", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError as PydanticValidationError
 
-from edgepack.errors import BundleError, ValidationError
+from edgepack.errors import BundleError, ConfigError, ValidationError
 from edgepack.target import Measurement
 
 VALIDATION_SAMPLES = 200
@@ -176,7 +176,7 @@ def _measurement(raw: Any, bundle: Path) -> Measurement:
 
 
 def validate(bundle: Path, threads: int | None = None, report: Path | None = None, runs: int | None = None,
-             pubkey: Path | None = None) -> dict:
+             pubkey: Path | None = None, validation_file: Path | None = None) -> dict:
     """Validate a bundle on this machine. Writes the report and raises ValidationError on failure.
     With ``pubkey``, an unsigned, wrongly signed or modified bundle is refused before anything runs."""
     from edgepack.backends import get_backend
@@ -185,8 +185,12 @@ def validate(bundle: Path, threads: int | None = None, report: Path | None = Non
     from edgepack.measure.latency import measure_latency
 
     bundle = Path(bundle)
-    with open_bundle(bundle, verify=True) as opened:
+    with open_bundle(bundle, verify=True, validation=validation_file) as opened:
         m = opened.manifest
+        if not opened.validation_files:
+            art = m.validation.artifact.file
+            raise ConfigError(f"{bundle}: its golden outputs and holdout ship apart, in {art}, which is not beside it",
+                              hint=f"copy {art} next to the bundle, or pass --validation-file PATH")
         signature = None
         if pubkey is not None:
             from edgepack.shipping.signing import verify_signature

@@ -89,6 +89,7 @@ class Settings:
     max_tuning_steps: int = 12
     threads: int | None = None
     prune_flags: Mapping[str, Any] = field(default_factory=dict)  # --prune* flags that overrode the project's block
+    separate_validation: bool = False  # --separate-validation: validation files in <bundle>.validation
 
     def tuning_record(self) -> dict[str, Any]:
         return {"enabled": self.tune, "max_minutes": self.max_tuning_minutes, "max_steps": self.max_tuning_steps}

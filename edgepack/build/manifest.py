@@ -15,7 +15,7 @@ from edgepack.build.context import BuildContext, Outputs
 from edgepack.build.gates import comparison, device_status, gates
 from edgepack.build.plan import TargetPlan
 from edgepack.bundle import Manifest, Measured, Measurements, Runtime, Validation, content_digest, file_entries
-from edgepack.calibration.payload import write_payload
+from edgepack.calibration.payload import default_budget, write_payload
 from edgepack.measure.coverage import coverage_for, describe
 from edgepack.validation import tolerance_for
 
@@ -46,10 +46,14 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
     ev = ctx.evaluation
     text = _bundle_text(ctx, staging)
     pre = project.preprocess.model_dump() if project.preprocess else None
-    # golden vectors, holdout (capped: evaluation.holdout_samples), compressed, raw images where faithful
+    # golden vectors and holdout, compressed, raw images where faithful; counts the project leaves at their
+    # defaults fit a budget of the model's size, unless the files ship apart (<bundle>.validation)
+    evaluation = project.evaluation
+    budget = None if ctx.settings.separate_validation else default_budget(compiled.size_bytes)
     payload = write_payload(staging / "validation", ev, outputs, project.input_specs(),
                             [o.name for o in exported.outputs], pre,
-                            project.evaluation.holdout_samples if project.evaluation else None, text is not None)
+                            evaluation.holdout_samples if evaluation else None, text is not None,
+                            evaluation.golden_samples if evaluation else None, budget)
     n = payload["samples"]
     tolerance = tolerance_for(compiled.precision, [outputs[i] for i in range(n)])
     labels = project.label_names()

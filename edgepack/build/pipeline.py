@@ -47,7 +47,8 @@ def check_out_dir(out: Path) -> Path:
 def build(project_path: Path | None, targets: list[str], out: Path | None = None, threads: int | None = None,
           progress: Progress | None = None, targets_dirs: list[Path] | None = None, tune: bool = True,
           max_tuning_minutes: float = 10.0, max_tuning_steps: int = 12,
-          prune: dict[str, Any] | None = None, *, keep_going: bool = False) -> list[Any]:
+          prune: dict[str, Any] | None = None, *, keep_going: bool = False,
+          separate_validation: bool = False) -> list[Any]:
     """Build one bundle per target. Returns one :class:`BuildResult` per target (failed gates are in its
     manifest: :func:`raise_for_acceptance` turns them into an AcceptanceError). With ``keep_going`` a
     target that cannot be built becomes a :class:`TargetFailure` and the others still build; otherwise
@@ -69,7 +70,8 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
     if max_tuning_minutes <= 0 or max_tuning_steps < 1:
         raise ConfigError("--max-tuning-minutes must be > 0 and the step cap >= 1")
     settings = Settings(tune, max_tuning_minutes, max_tuning_steps, threads,
-                        {k: v for k, v in (prune or {}).items() if v is not None})
+                        {k: v for k, v in (prune or {}).items() if v is not None},
+                        separate_validation or bool(project.evaluation and project.evaluation.separate_validation))
     # inside --out (bundles are renamed from it); a killed build's folder is removed by the next one
     try:
         with locked_dir(out, ".edgepack-", ".build") as scratch:
@@ -132,7 +134,7 @@ def build_target(ctx: BuildContext, plan: TargetPlan) -> BuildResult:
     if ctx.timings is not None:
         built = replace(built, timings=ctx.timings.record(ctx.shared_stages, since))
     with Stage(progress, f"bundle {profile.name}") as st:
-        manifest = write_bundle(staging, assemble(ctx, plan, built, staging), final)
+        manifest = write_bundle(staging, assemble(ctx, plan, built, staging), final, ctx.settings.separate_validation)
         st.detail = str(final)
     return BuildResult(profile.name, final, manifest)
 

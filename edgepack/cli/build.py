@@ -58,6 +58,9 @@ def build(
     prune_params: float = typer.Option(None, "--prune-params", help="Share of parameters to remove (structured)."),
     prune_finetune_epochs: int = typer.Option(None, "--prune-finetune-epochs", min=0,
                                               help="Recovery fine-tuning epochs after pruning (0: none)."),
+    separate_validation: bool = typer.Option(False, "--separate-validation",
+                                             help="Write the validation files as <bundle>.validation beside the "
+                                                  "bundle instead of inside it (validate reads it from there)."),
 ) -> None:
     """Build bundles: load -> export ONNX -> calibrate -> compile -> measure -> bundle."""
     from edgepack.api import build as run_build
@@ -79,7 +82,8 @@ def build(
         with stdout_to_stderr(format == Format.json):
             results = run_build(project_path=project, targets=list(target), out=out_dir, threads=threads,
                                 progress=progress, targets_dirs=list(targets_dir), tune=tune,
-                                max_tuning_minutes=max_tuning_minutes, prune=flags)
+                                max_tuning_minutes=max_tuning_minutes, prune=flags,
+                                separate_validation=separate_validation)
     finally:
         if progress.status:
             progress.status.stop()

@@ -19,11 +19,15 @@ def validate(
     runs: RunsOpt = None,
     format: FormatOpt = Format.human,
     pubkey: TrustedKeyOpt = None,
+    validation_file: Path = typer.Option(None, "--validation-file",
+                                         help="The bundle's separate validation files (default: <bundle>.validation "
+                                              "beside it), for bundles built with --separate-validation."),
 ) -> None:
     """Check integrity, reproduce the recorded outputs, measure holdout accuracy and latency here."""
     from edgepack.validation import validate as run_validate
 
-    result = run_validate(bundle=bundle, threads=threads, report=report, runs=runs, pubkey=pubkey)
+    result = run_validate(bundle=bundle, threads=threads, report=report, runs=runs, pubkey=pubkey,
+                          validation_file=validation_file)
     if format == Format.json:
         print_json(result)
         return

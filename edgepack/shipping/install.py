@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import SIGNATURE, open_bundle, read_archive
+from edgepack.bundle import SIGNATURE, attach_validation, open_bundle, read_archive
 from edgepack.errors import AcceptanceError, BundleError, ConfigError, DiskFullError, EdgepackError, InstallError, SignatureError
 from edgepack.shipping.device import check_target
 from edgepack.shipping.switch import (JOURNAL, crash, finish_switch, fsync_dir, locked, read_json, resolve, switch,
@@ -109,7 +109,8 @@ def _extract(bundle: Path, dest: Path) -> None:
         shutil.copytree(bundle, dest, dirs_exist_ok=True)
         return
     try:
-        read_archive(bundle, dest, str(bundle))  # checked before a byte is written; the caller removes staging
+        manifest = read_archive(bundle, dest, str(bundle))  # checked before a byte is written; the caller removes staging
+        attach_validation(bundle, dest, manifest)  # validation files shipped apart, when beside the bundle
     except DiskFullError as e:
         raise DiskFullError(f"{e.message}; the active version is unchanged") from e
 

@@ -120,9 +120,9 @@ def test_crafted_bundle(row, bundle, tmp_path):
 
 
 def test_too_many_members(bundle, tmp_path, monkeypatch):
-    from edgepack import bundle as b
+    from edgepack import tarsafe
 
-    monkeypatch.setattr(b, "MAX_MEMBERS", 20)
+    monkeypatch.setattr(tarsafe, "MAX_MEMBERS", 20)
     bad = c.plus(bundle, tmp_path / "many.edgepack",
                  *[c.entry(f"model/f{i}", b"x") for i in range(30)])
     before = snapshot(tmp_path)
@@ -151,7 +151,7 @@ def test_total_size_limit_from_the_environment(bundle, tmp_path):
 def test_bundle_larger_than_free_space_writes_nothing(bundle, tmp_path, monkeypatch):
     from edgepack import bundle as b
 
-    monkeypatch.setattr(b, "_free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(b, "free_bytes", lambda folder: 1000)
     root = tmp_path / "root"
     out = cli("install", bundle, "--root", root, "--allow-unsigned")
     expect_fault(out, Fault("bundle larger than the free space", DISK_FULL, ("only 1,000 are free",)))

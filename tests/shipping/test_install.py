@@ -286,7 +286,7 @@ def test_disk_full_while_extracting_keeps_the_old_version(root_v1, signed_v2, tm
 
     root = tmp_path / "root"
     shutil.copytree(root_v1, root, symlinks=True)
-    monkeypatch.setattr(bundle_module, "_extract", full)
+    monkeypatch.setattr(bundle_module, "extract_members", full)
     res = install(signed_v2, root)
     assert res.exit_code == 15, res.output
     assert "no space left" in error_lines(res)[0]
