@@ -11,7 +11,8 @@ from edgepack.build.context import BuildContext, Stage
 from edgepack.build.data import finetune_data
 
 
-def prune_module(ctx: BuildContext, module: Any, specs: list) -> Any:
+def prune_module(ctx: BuildContext, module: Any, specs: list, profile: Any = None, names: list[str] | None = None) -> Any:
+    """Prune (and recover) ``module``; a latency goal is searched on ``profile``'s target."""
     from edgepack.stages import prune as pr
 
     cfg = ctx.project.prune
@@ -23,7 +24,11 @@ def prune_module(ctx: BuildContext, module: Any, specs: list) -> Any:
         teacher = module
         ignore = cfg.ignore if cfg.ignore is not None else pr.default_ignore(module)
         masks = None
-        if cfg.method == "structured":
+        if cfg.method == "structured" and cfg.latency_goal:
+            from edgepack.build.prune_latency import search
+
+            pruned, record = search(ctx, module, specs, names or ["output"], profile, ignore)
+        elif cfg.method == "structured":
             pruned, record = pr.structured(module, specs, cfg.importance, ignore, cfg.ratio, cfg.target_macs,
                                            cfg.target_params, cfg.layers, cfg.round_to)
         else:

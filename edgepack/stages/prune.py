@@ -30,7 +30,7 @@ def count(module: Any, specs: list[TensorSpec]) -> dict[str, int]:
     return {"macs": int(macs), "params": int(params)}
 
 
-def _modules(module: Any, names: list[str], what: str) -> list[Any]:
+def find_modules(module: Any, names: list[str], what: str) -> list[Any]:
     by_name = dict(module.named_modules())
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -60,15 +60,15 @@ def structured(module: Any, specs: list[TensorSpec], importance: str, ignore: li
     clash = sorted(set(layers) & set(ignore))
     if clash:
         raise ConfigError(f"prune.layers and prune.ignore both name {clash}", hint="a layer is either kept whole or pruned")
-    _modules(module, list(layers), "layers")  # unknown names fail before any pruning
+    find_modules(module, list(layers), "layers")  # unknown names fail before any pruning
 
     def prune_copy(r: float) -> Any:
         m = copy.deepcopy(module)
         try:
-            fixed = dict(zip(_modules(m, list(layers), "layers"), layers.values()))
+            fixed = dict(zip(find_modules(m, list(layers), "layers"), layers.values()))
             pruner = tp.pruner.MetaPruner(m, example_inputs(specs), importance=tp.importance.MagnitudeImportance(
                 p=1 if importance == "l1" else 2), pruning_ratio=r, pruning_ratio_dict=fixed or None,
-                ignored_layers=_modules(m, ignore, "ignore"), round_to=round_to)
+                ignored_layers=find_modules(m, ignore, "ignore"), round_to=round_to)
             pruner.step()
         except (ConfigError, MissingDependencyError):
             raise
