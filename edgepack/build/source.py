@@ -35,8 +35,11 @@ def source_of(project: Project, project_file: Path | None = None) -> Source:
 def exported(ctx: BuildContext, profile: TargetProfile) -> ModelArtifact:
     """The FP32 ONNX at the profile's opset (made once per opset, then reused by every target)."""
     key = profile.max_opset
+    per_target = _pruned_per_target(ctx)
+    if per_target:  # pruned to a latency on this target: each target has its own allocation
+        key = (key, "pruned for", profile.name)
     if key not in ctx.exports:
-        art = _load_onnx(ctx, key) if ctx.project.model.kind == "onnx" else _export_torch(ctx, key)
+        art = _load_onnx(ctx, key) if ctx.project.model.kind == "onnx" else _export_torch(ctx, profile.max_opset, profile)
         project = ctx.project
         if project.dim_ranges():  # for backends that need static shapes (TensorRT profiles)
             art = replace(art, details={**art.details, "dim_ranges": project.dim_ranges()})
@@ -81,7 +84,12 @@ def load_torch(resolved: Resolved, progress: Progress) -> tuple[Any, list[str]]:
     return module, list(names)
 
 
-def _export_torch(ctx: BuildContext, opset: int) -> ModelArtifact:
+def _pruned_per_target(ctx: BuildContext) -> bool:
+    prune = ctx.project.prune
+    return prune is not None and prune.latency_goal
+
+
+def _export_torch(ctx: BuildContext, opset: int, profile: TargetProfile | None = None) -> ModelArtifact:
     from edgepack.stages.export_onnx import export
 
     project = ctx.project
@@ -90,10 +98,11 @@ def _export_torch(ctx: BuildContext, opset: int) -> ModelArtifact:
     unpruned = module
     ctx.modules["unpruned"] = unpruned
     if project.prune:
-        module = prune_module(ctx, module, specs)
+        module = prune_module(ctx, module, specs, profile, names)
     ctx.modules["model"] = module
     with Stage(ctx.progress, "export onnx") as st:
-        art = export(module, specs, names, ctx.scratch / f"export-{opset}", opset, ctx.source.digest, dims=project.dims)
+        where = f"export-{opset}" + (f"-{profile.name}" if profile is not None and _pruned_per_target(ctx) else "")
+        art = export(module, specs, names, ctx.scratch / where, opset, ctx.source.digest, dims=project.dims)
         if project.prune and project.prune.method == "sparse-2of4":
             art = replace(art, details={**art.details, "sparsity": "2:4"})
         st.detail = f"opset {art.details['opset']}, {art.size_bytes / 1e6:.2f} MB"
@@ -118,7 +127,7 @@ def compile_source(ctx: BuildContext, profile: TargetProfile, backend: Backend, 
     specs = static_specs(project.input_specs(), 1, dims, f"target '{profile.name}' ({backend.name})")
     if project.model.kind == "onnx":  # converted by onnx2tf from the file, at these shapes
         return replace(onnx_art, inputs=tuple(specs))
-    key = ("torch", which, tuple(s.shape for s in specs))
+    key = ("torch", which, tuple(s.shape for s in specs)) + ((profile.name,) if _pruned_per_target(ctx) else ())
     if key not in ctx.exports:
         with Stage(ctx.progress, f"export torch program{' (unpruned)' if which != 'model' else ''}") as st:
             names = [o.name for o in onnx_art.outputs]

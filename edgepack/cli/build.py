@@ -56,6 +56,9 @@ def build(
     prune_ratio: float = typer.Option(None, "--prune-ratio", help="Share of channels removed per layer (structured)."),
     prune_macs: float = typer.Option(None, "--prune-macs", help="Share of MACs to remove, e.g. 0.4 (structured)."),
     prune_params: float = typer.Option(None, "--prune-params", help="Share of parameters to remove (structured)."),
+    prune_latency: float = typer.Option(None, "--prune-latency", help="Latency to reach, as a share of the unpruned "
+                                        "INT8 p50 on the target, e.g. 0.5 (structured; the per-layer allocation is "
+                                        "searched on the target's timings)."),
     prune_finetune_epochs: int = typer.Option(None, "--prune-finetune-epochs", min=0,
                                               help="Recovery fine-tuning epochs after pruning (0: none)."),
     separate_validation: bool = typer.Option(False, "--separate-validation",
@@ -71,7 +74,7 @@ def build(
 
         raise ConfigError(f"--prune: unknown method '{prune}'", hint="use structured, sparse-2of4 or off")
     flags = {"method": prune, "ratio": prune_ratio, "target_macs": prune_macs, "target_params": prune_params,
-             "finetune_epochs": prune_finetune_epochs}
+             "target_latency": prune_latency, "finetune_epochs": prune_finetune_epochs}
     key = None
     if sign is not None:  # load the key before a long build, so a bad path fails fast
         from edgepack.shipping.signing import load_private_key, sign_bundle
