@@ -84,7 +84,7 @@ def choose(ctx: BuildContext, plan: TargetPlan, trials: Trials, int8: Trial, int
     m = profile.measurement
     lat, noise = measure_in_turn(runners, ctx.evaluation.samples[0], m.warmup_runs, max(m.runs, 200),
                                  m.max_seconds * 2, threads)
-    ref_acc = trials.ref.measured.accuracy
+    ref_acc = trials.ref.accuracy
     rows = [{"candidate": n, "precision": a.precision, "accuracy": t.accuracy["value"],
              "drop_points": round(drop(ref_acc, t.accuracy), 3), "meets_budget": t.meets_budget,
              "p50_ms": lat[n]["p50_ms"], "p90_ms": lat[n]["p90_ms"], "size_bytes": a.size_bytes}

@@ -104,12 +104,37 @@ class Data:
     metric: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reference:
-    """The FP32 reference (exported ONNX on ONNX Runtime): its figures and its outputs on the evaluation set."""
+    """The FP32 reference (exported ONNX on ONNX Runtime): its figures and its outputs on the evaluation set.
 
-    measured: Measured
+    Its latency is not taken when the reference is made: each target times it in turn with its compiled
+    model (:meth:`with_latency`), and only a target that cannot be timed on this host has it timed alone
+    (``time_alone``, once, then kept)."""
+
+    untimed: Measured                   # every figure but latency (that one is a zero placeholder)
     outputs: Outputs
+    time_alone: Callable[[], tuple[Any, Any]]
+    _alone: Measured | None = None
+
+    @property
+    def accuracy(self) -> Any:
+        return self.untimed.accuracy
+
+    @property
+    def measured(self) -> Measured:
+        """The reference with its latency timed alone (measured on first use)."""
+        if self._alone is None:
+            latency, by_shape = self.time_alone()
+            self._alone = self.with_latency(latency, by_shape)
+        return self._alone
+
+    def with_latency(self, latency: Any, by_shape: Any = None) -> Measured:
+        timed = self.untimed.model_copy(deep=True)
+        timed.latency = latency  # validated on assignment
+        if by_shape is not None:
+            timed.latency_by_shape = by_shape
+        return timed
 
 
 # exports are keyed by the profile's max opset; ("unpruned", opset) and ("torch", which, shapes) for the rest

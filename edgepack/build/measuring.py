@@ -24,18 +24,18 @@ REFERENCE_RUNTIME = "onnxruntime"
 
 
 def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[Path], root: Path, threads: int,
-            profile: TargetProfile, what: str, outputs: Outputs | None = None) -> tuple[Measured, Outputs]:
+            profile: TargetProfile, what: str, outputs: Outputs | None = None,
+            timed: bool = True) -> tuple[Measured, Outputs]:
     """Outputs on the whole evaluation set, latency (and at the dims' sizes), peak memory and size.
     ``accuracy`` is left for the caller, which knows what to score against. ``outputs``: this very
     model's outputs on the evaluation set when they were already computed (the chosen trial's, on the
-    same runtime and files), so the set is not run twice."""
+    same runtime and files), so the set is not run twice. ``timed`` False: latency left at a zero
+    placeholder, for the caller to fill from a timing in turn."""
     runner, proxy = backend.host_runner(model_file, threads)
     if outputs is None or len(outputs) != len(ctx.evaluation):
         outputs = acc.run_all(runner, ctx.evaluation)
-    m = profile.measurement
     sample = ctx.evaluation.samples[0]
-    latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)
-    by_shape = latency_at_shapes(runner, sample, ctx.project, m, threads)
+    latency, by_shape = time_alone(ctx, runner, profile, threads) if timed else (UNTIMED, None)
     del runner
     memory = measure_peak_memory(backend.name, model_file, sample, threads)
     runtime = proxy or f"{backend.runtime_package} {ctx.toolchain.get(backend.runtime_package, '?')}"
@@ -44,16 +44,41 @@ def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[P
     return measured, outputs
 
 
+# a latency not yet taken: replaced by the timing in turn (or alone) before any manifest is written
+UNTIMED = {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0, "how": {"untimed": True}}
+
+
+def time_alone(ctx: BuildContext, runner: Any, profile: TargetProfile, threads: int) -> tuple[dict, list | None]:
+    """One model timed on its own (the profile's runs / seconds), and at the dims' sizes."""
+    m = profile.measurement
+    sample = ctx.evaluation.samples[0]
+    return (measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads),
+            latency_at_shapes(runner, sample, ctx.project, m, threads))
+
+
+def in_turn_latency(stats: dict[str, Any]) -> dict[str, Any]:
+    """One model's figures from a timing in turn, as a manifest latency section."""
+    return {k: v for k, v in stats.items() if k != "round_medians_ms"}
+
+
 def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: TargetProfile) -> Reference:
-    """The exported FP32 ONNX on ONNX Runtime (once per opset and thread count); fixes the metric plan."""
+    """The exported FP32 ONNX on ONNX Runtime (once per opset and thread count); fixes the metric plan.
+    Its latency is taken later, in turn with each compiled model (see :class:`Reference`)."""
     key = (profile.max_opset, threads)
     if key in ctx.references:
         return ctx.references[key]
     ort = get_backend(REFERENCE_BACKEND)
     ort.check_environment(compile=False)
+
+    def alone() -> tuple[dict, list | None]:
+        with Stage(ctx.progress, "time fp32 reference") as st:
+            timed = time_alone(ctx, ort.load(art.path, threads), profile, threads)
+            st.detail = f"p50 {timed[0]['p50_ms']:.3f} ms"
+        return timed
+
     with Stage(ctx.progress, "measure fp32 reference") as st:
         measured, outputs = measure(ctx, ort, art.path, list(art.all_files), art.path.parent, threads, profile,
-                                    "fp32 reference: exported ONNX on onnxruntime")
+                                    "fp32 reference: exported ONNX on onnxruntime", timed=False)
         out_names = [o.name for o in art.outputs]
         acc.check_finite(outputs, ctx.evaluation, out_names)
         labels = ctx.evaluation.labels
@@ -67,36 +92,40 @@ def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: Targ
             if e.metric == "top1" and project.labels is None:  # no class list: the output width is it
                 check_label_classes(ctx.evaluation, int(outputs[0][e.index].shape[-1]), f"the model's output '{e.output}'")
         measured.accuracy = acc.score(ctx.metric_plan, outputs, labels, outputs)
-        st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
-    ctx.references[key] = Reference(measured, outputs)
+        st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}"
+    ctx.references[key] = Reference(measured, outputs, alone)
     return ctx.references[key]
 
 
 def target_fp32(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile, art: ModelArtifact,
                 workdir: Path, threads: int) -> dict[str, Any]:
-    """The FP32 model compiled and timed on the target's own runtime: the speed-up INT8 buys there."""
+    """The FP32 model compiled for the target's own runtime: the speed-up INT8 buys there. Its latency
+    is filled in from the timing in turn with the compiled model (:func:`in_turn`)."""
     if getattr(options, "level", None) is not None:
         options = options.model_copy(update={"level": None})
     fp32 = backend.compile(art, profile.model_copy(update={"precision": "fp32"}), options, ctx.calibration, workdir)
-    runner, _ = backend.host_runner(fp32.path, threads)
-    m = profile.measurement
-    latency = measure_latency(runner, ctx.evaluation.samples[0], m.warmup_runs, m.runs, m.max_seconds, threads)
-    return {"model": f"fp32 on {backend.name}", "latency": latency, "size_bytes": fp32.size_bytes,
+    return {"model": f"fp32 on {backend.name}", "size_bytes": fp32.size_bytes,
             "path": str(fp32.path)}  # "path" is for timing in turn; it is not written to the manifest
 
 
+IN_TURN_ROUNDS = 24  # rounds of each model's block of calls (see measure_in_turn), about 0.6 s of calls each
+
+
 def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: ModelArtifact,
-            compiled: ModelArtifact, fp32_on_target: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+            compiled: ModelArtifact, fp32_on_target: dict[str, Any] | None,
+            threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The FP32 reference, the compiled model and (when built) FP32 on the target's runtime, timed in
     turn in one window with a noise check: the speed-ups in the manifest come from here, so a busy
-    host's load falls on every model alike, and a window that never settles is flagged noisy."""
+    host's load falls on every model alike, and a window that never settles is flagged noisy. Returns
+    the manifest's ``in_turn`` record and the reference's latency from it; FP32 on the target gets its
+    latency section from it too."""
     ort = get_backend(REFERENCE_BACKEND)
     runners = {"fp32 reference": ort.load(art.path, threads), "compiled": backend.host_runner(compiled.path, threads)[0]}
     if fp32_on_target is not None:
         runners["fp32 on the target's runtime"] = backend.host_runner(Path(fp32_on_target["path"]), threads)[0]
     m = profile.measurement
-    lat, noise = measure_in_turn(runners, ctx.evaluation.samples[0], m.warmup_runs, max(m.runs, 200),
-                                 m.max_seconds * 2, threads)
+    lat, noise = measure_in_turn(runners, ctx.evaluation.samples[0], m.warmup_runs, 0, m.max_seconds * 2, threads,
+                                 rounds=IN_TURN_ROUNDS)
     p50 = {k: v["p50_ms"] for k, v in lat.items()}
     out = {"p50_ms": p50, "p90_ms": {k: v["p90_ms"] for k, v in lat.items()},
            "runs": {k: v["how"]["runs"] for k, v in lat.items()},
@@ -104,7 +133,8 @@ def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Mo
            "how": lat["compiled"]["how"]["interleaved"] + "; timed: " + lat["compiled"]["how"]["timed"]}
     if fp32_on_target is not None:
         out["speedup_p50_vs_target_fp32"] = round(p50["fp32 on the target's runtime"] / p50["compiled"], 3)
-    return out
+        fp32_on_target["latency"] = in_turn_latency(lat["fp32 on the target's runtime"])
+    return out, in_turn_latency(lat["fp32 reference"])
 
 
 def unpruned_latency(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile,

@@ -81,7 +81,7 @@ def compile_to_budget(ctx: BuildContext, plan: TargetPlan, trials: Trials,
                       fp32_onnx: Path) -> tuple[Trial, dict[str, Any] | None]:
     """The chosen build and the ``tuning`` record (None when the plain build was all that ran)."""
     profile, backend = plan.profile, plan.backend
-    ref_acc = trials.ref.measured.accuracy
+    ref_acc = trials.ref.accuracy
     settings = ctx.settings
     int8_tuned = profile.precision == "int8" and settings.tune
     ladder = backend.fallback_levels if int8_tuned and getattr(plan.options, "level", None) is None else ()

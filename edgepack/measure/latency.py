@@ -125,10 +125,11 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
 
 
 BLOCK_MS = 25.0  # a block of calls long enough that timer and scheduler jitter average out
+MIN_BLOCK = 5    # a model slower than 5 ms still gets a median of 5 calls per block
 
 
 def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> int:
-    """Calls per block: about BLOCK_MS of the slowest model's calls, between 20 and 10000."""
+    """Calls per block: about BLOCK_MS of the slowest model's calls, between MIN_BLOCK and 10000."""
     slowest = 0.0
     for r in runners.values():
         feeds, call, _ = _call_of(r, sample)
@@ -137,18 +138,19 @@ def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> int
         for _ in range(5):
             call(feeds)
         slowest = max(slowest, (time.perf_counter() - t0) * 1e3 / 5)
-    return int(min(10000, max(20, np.ceil(BLOCK_MS / max(slowest, 1e-4)))))
+    return int(min(10000, max(MIN_BLOCK, np.ceil(BLOCK_MS / max(slowest, 1e-4)))))
 
 
 def measure_in_turn(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
-                    max_seconds: float, threads: int, tries: int = NOISE_TRIES) -> tuple[dict[str, dict], dict]:
+                    max_seconds: float, threads: int, tries: int = NOISE_TRIES,
+                    rounds: int = 12) -> tuple[dict[str, dict], dict]:
     """Models timed in turn (:func:`measure_interleaved`) with a noise check: the ratio of each model
     to the first is taken round by round; when those ratios spread by more than RATIO_SPREAD_LIMIT
     the measurement is repeated, up to ``tries`` times, and the last one is flagged noisy if it never
     settles. Returns (stats per model, the noise record)."""
     base = next(iter(runners))
     block = _block_for(runners, sample)
-    runs = max(runs, 12 * block)  # a dozen rounds at least: the spread of their ratios needs them
+    runs = max(runs, rounds * block)  # a dozen rounds at least: the spread of their ratios needs them
     checks = []
     for attempt in range(1, tries + 1):
         watch = LoadWatch()
