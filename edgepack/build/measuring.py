@@ -108,7 +108,7 @@ def target_fp32(ctx: BuildContext, backend: Backend, options: Any, profile: Targ
             "path": str(fp32.path)}  # "path" is for timing in turn; it is not written to the manifest
 
 
-IN_TURN_ROUNDS = 24  # rounds of each model's block of calls (see measure_in_turn), about 0.6 s of calls each
+IN_TURN_ROUNDS = 12  # rounds of each model's block of calls (measure_in_turn's minimum; a block is ~25 ms, >= 5 calls)
 
 
 def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: ModelArtifact,
