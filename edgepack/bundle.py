@@ -269,11 +269,11 @@ def read_archive(path: Path, dest: Path | None, where: str | None = None) -> Man
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path, verify: bool = True, validation: Path | None = None) -> Iterator[OpenedBundle]:
+def open_bundle(path: Path, verify: bool = True, validation: Path | bool | None = None) -> Iterator[OpenedBundle]:
     """Extract ``path`` into a temporary folder (see :func:`read_archive`), read and (by default)
     verify it. A folder is read in place. When the bundle's validation files ship apart, they are read
     from ``validation`` or ``<path>.validation`` into the extracted copy; without that file the bundle
-    opens with ``validation_files`` False (everything else verified)."""
+    opens with ``validation_files`` False (everything else verified); ``validation=False`` never looks."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: bundle not found")
@@ -294,7 +294,8 @@ def open_bundle(path: Path, verify: bool = True, validation: Path | None = None)
     with locked_dir(None, "edgepack-bundle-") as tmp:  # a killed reader's copy is removed by the next one
         root = tmp / "bundle"
         manifest = read_archive(path, root, where)
-        present = attach_validation(path, root, manifest, validation)
+        present = attach_validation(path, root, manifest, validation) if validation is not False \
+            else not apart_files(manifest)
         if verify:
             verify_files(root, manifest, where)
         yield OpenedBundle(path, root, manifest, present)

@@ -19,6 +19,7 @@ from edgepack.shipping.reference import Ref
 
 ARTIFACT_TYPE = "application/vnd.edgepack.bundle.v1"
 MEDIA_BUNDLE = "application/vnd.edgepack.bundle.v1.tar"
+MEDIA_VALIDATION = "application/vnd.edgepack.validation.v1.tar"  # <bundle>.validation, when shipped apart
 MEDIA_CONFIG = "application/vnd.edgepack.manifest.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -82,3 +83,16 @@ def file_name(layer: dict[str, Any], oci: dict[str, Any]) -> str:
     a = oci.get("annotations") or {}
     return re.sub(r"[^\w.+-]", "_", f"{a.get('dev.edgepack.name', 'bundle')}-{a.get('dev.edgepack.version', '0')}-"
                                      f"{a.get('dev.edgepack.target', 'unknown')}") + SUFFIX
+
+
+def validation_layer(oci: dict[str, Any], manifest: Any) -> dict[str, Any] | None:
+    """The layer holding the bundle's separate validation files: only one whose digest and size are the
+    ones the (verified) bundle manifest records, so the registry cannot substitute another file."""
+    art = manifest.validation.artifact
+    if art is None:
+        return None
+    for la in oci.get("layers") or []:
+        if isinstance(la, dict) and la.get("mediaType") == MEDIA_VALIDATION and la.get("digest") == art.sha256 \
+                and la.get("size") == art.bytes:
+            return la
+    return None

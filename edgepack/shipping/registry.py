@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgepack.artifact import sha256_file
-from edgepack.bundle import MANIFEST, open_bundle
+from edgepack.bundle import MANIFEST, VALIDATION_SUFFIX, open_bundle
 from edgepack.errors import (BundleError, ConfigError, DigestMismatchError, DiskFullError, EdgepackError,
                              MissingDependencyError, NotInRegistryError, RegistryError, RegistryUnreachableError)
-from edgepack.shipping.oci import (ARTIFACT_TYPE, MEDIA_BUNDLE, MEDIA_CONFIG, OCI_MANIFEST, annotations, bundle_layer,
-                                   file_name)
+from edgepack.shipping.oci import (ARTIFACT_TYPE, MEDIA_BUNDLE, MEDIA_CONFIG, MEDIA_VALIDATION, OCI_MANIFEST,
+                                   annotations, bundle_layer, file_name, validation_layer)
 from edgepack.shipping.reference import TAG_RE, Ref, parse_ref, tag_for
 
 # Retry policy for transient failures (refused connection, timeout, 429/502/503/504): RETRIES
@@ -202,17 +202,25 @@ def push(bundle: Path, ref_text: str, extra_tags: list[str] | None = None, plain
     client = Client(ref.with_tag(tags[0]), plain_http)
     layer = {"mediaType": MEDIA_BUNDLE, "size": bundle.stat().st_size, "digest": "sha256:" + sha256_file(bundle),
              "annotations": {"org.opencontainers.image.title": bundle.name}}
+    layers = [(bundle, layer, "upload the bundle")]
+    if opened.validation_files and m.validation.artifact is not None:  # <bundle>.validation was beside it
+        art = bundle.with_name(bundle.name + VALIDATION_SUFFIX)
+        art = art if art.is_file() else bundle.with_name(m.validation.artifact.file)
+        layers.append((art, {"mediaType": MEDIA_VALIDATION, "size": m.validation.artifact.bytes,
+                             "digest": m.validation.artifact.sha256,
+                             "annotations": {"org.opencontainers.image.title": m.validation.artifact.file}},
+                       "upload the validation files"))
     config = {"mediaType": MEDIA_CONFIG, "size": len(config_bytes),
               "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest()}
     with tempfile.TemporaryDirectory(prefix="edgepack-push-") as tmp:
         cfile = Path(tmp) / "manifest.json"
         cfile.write_bytes(config_bytes)
-        for path, desc, what in ((bundle, layer, "upload the bundle"), (cfile, config, "upload the manifest blob")):
+        for path, desc, what in layers + [(cfile, config, "upload the manifest blob")]:
             resp = _guard(lambda: client.reg.upload_blob(str(path), client.container, desc,
                                                          do_chunked=desc["size"] > CHUNKED_ABOVE_BYTES), client, what)
             client.check(resp, what)
     oci = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
-           "config": config, "layers": [layer], "annotations": annotations(m, sig)}
+           "config": config, "layers": [d for _, d, _ in layers], "annotations": annotations(m, sig)}
     body = json.dumps(oci, separators=(",", ":"), sort_keys=True).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     for t in tags:
@@ -223,7 +231,8 @@ def push(bundle: Path, ref_text: str, extra_tags: list[str] | None = None, plain
         if served and served != digest:
             raise DigestMismatchError(f"registry {ref.registry} stored tag {t} as {served}, edgepack sent {digest}")
     return {"ref": str(ref.with_tag(tags[0])), "tags": tags, "digest": digest, "pinned": str(ref.pinned(digest)),
-            "bundle": str(bundle), "size_bytes": layer["size"], "annotations": oci["annotations"]}
+            "bundle": str(bundle), "size_bytes": layer["size"], "annotations": oci["annotations"],
+            "validation_file": str(layers[1][0]) if len(layers) > 1 else None}
 
 
 def _guard(call: Callable[[], Any], client: Client, what: str) -> Any:
@@ -321,7 +330,7 @@ def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool
     tmp = Path(name)
     try:
         _download(client, layer, tmp, ref)
-        with open_bundle(tmp, verify=True) as opened:
+        with open_bundle(tmp, verify=True, validation=False) as opened:
             m = opened.manifest
             sig = None
             if pubkey is not None:
@@ -329,6 +338,15 @@ def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool
 
                 sig = verify_signature(opened.root, pubkey, str(ref))
         os.chmod(tmp, 0o644)
+        vlayer = validation_layer(oci, m)
+        if vlayer is not None:  # the digest is the verified manifest's: _download refuses any other bytes
+            vtmp = tmp.with_name(tmp.name + VALIDATION_SUFFIX)
+            try:
+                _download(client, vlayer, vtmp, ref)
+                os.chmod(vtmp, 0o644)
+                os.replace(vtmp, final.with_name(final.name + VALIDATION_SUFFIX))
+            finally:
+                vtmp.unlink(missing_ok=True)
         os.replace(tmp, final)
     except BundleError as e:
         tmp.unlink(missing_ok=True)
@@ -338,4 +356,5 @@ def pull(ref_text: str, dest: Path, pubkey: Path | None = None, plain_http: bool
         tmp.unlink(missing_ok=True)
         raise
     return {"ref": str(ref), "digest": got, "pinned": str(ref.pinned(got)), "bundle": str(final), "name": m.name,
-            "version": m.version, "target": m.target, "build_id": m.build_id, "signature": sig}
+            "version": m.version, "target": m.target, "build_id": m.build_id, "signature": sig,
+            "validation_file": str(final.with_name(final.name + VALIDATION_SUFFIX)) if vlayer else None}

@@ -229,3 +229,43 @@ def test_transient_answers_are_retried(fast_retries):
 
     with pytest.raises(RegistryUnreachableError, match="could not get after 4 attempts"):
         with_retries(refused, "r:1", "get")
+
+
+def test_split_bundle_travels_with_its_validation_file_and_installs_from_the_registry(registry, signed_v1, keys,
+                                                                                      tmp_path):
+    """A bundle built with --separate-validation: push sends <bundle>.validation as a second layer, pull
+    fetches it beside the bundle (only with the digest the verified manifest records), install validates."""
+    from edgepack.bundle import read_archive, write_bundle
+    from edgepack.shipping.signing import sign_bundle
+
+    staging = tmp_path / "staging"
+    m = read_archive(signed_v1, staging)
+    for f in ("manifest.json", "signature.json"):
+        (staging / f).unlink()
+    split = tmp_path / "dist" / signed_v1.name
+    m = write_bundle(staging, m, split, separate_validation=True)
+    sign_bundle(split, keys / "a.key")
+    repo = f"{registry.host}/models/split"
+    res = cli("push", split, repo, "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["validation_file"].endswith(".validation")
+    oci = _oci_manifest(registry.host, "models/split", "1.2.3-onnx")
+    assert [la["mediaType"] for la in oci["layers"]] == ["application/vnd.edgepack.bundle.v1.tar",
+                                                          "application/vnd.edgepack.validation.v1.tar"]
+    assert oci["layers"][1]["digest"] == m.validation.artifact.sha256
+    res = cli("pull", f"{repo}:1.2.3-onnx", "--out", tmp_path / "pulled", "--pubkey", keys / "a.pub")
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "pulled" / (signed_v1.name + ".validation")
+    assert art.read_bytes() == split.with_name(split.name + ".validation").read_bytes()
+    res = cli("install", f"{repo}:1.2.3-onnx", "--root", tmp_path / "root", "--pubkey", keys / "a.pub", "--runs", "3")
+    assert res.exit_code == 0, res.output
+    # pushed without its file beside it: the bundle alone; a device then cannot validate it and says why
+    alone = tmp_path / "alone" / split.name
+    alone.parent.mkdir()
+    alone.write_bytes(split.read_bytes())
+    res = cli("push", alone, f"{registry.host}/models/alone", "--format", "json")
+    assert res.exit_code == 0, res.output
+    res = cli("install", f"{registry.host}/models/alone:1.2.3-onnx", "--root", tmp_path / "root2",
+              "--pubkey", keys / "a.pub", "--runs", "3")
+    assert res.exit_code == 2, res.output
+    assert "ship apart" in res.output and ".validation" in res.output
