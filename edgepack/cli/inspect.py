@@ -74,6 +74,7 @@ def inspect(
             out.print(f"device {k}: {escape(v)}")
     ev = meas["data"]["evaluation"]
     out.print(f"evaluation data {escape(ev['source'])}: {ev['samples']} samples, {ev['fingerprint'][:23]}...")
+    out.print(escape(validation_line(m["validation"])))
     acc = m["acceptance"]
     verdict = "[green]passed[/]" if acc["passed"] else "[red]FAILED[/]: " + escape("; ".join(acc["reasons"]))
     out.print(f"acceptance {verdict}  gates {acc['gates'] or 'none set'}")
@@ -121,6 +122,15 @@ def inspect(
     for f in m["files"]:
         ft.add_row(f["path"], str(f["bytes"]), f["sha256"][:16])
     out.print(ft)
+
+
+def validation_line(v: dict) -> str:
+    """What the bundle ships for `validate`, and where."""
+    where = (f"apart, in {v['artifact']['file']} ({v['artifact']['bytes'] / 1e6:.2f} MB)" if v.get("artifact")
+             else "inside the bundle")
+    budget = f"; counts cut to a {v['budget_bytes'] / 1e6:.2f} MB budget" if v.get("budget_bytes") else ""
+    return (f"validation files: {v['samples']} golden + {v['holdout_samples']} holdout samples, "
+            f"{v.get('inputs_form') or 'tensors'}, {where}{budget}")
 
 
 def precision_line(pc: dict) -> str:
