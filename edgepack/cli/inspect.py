@@ -169,6 +169,28 @@ def prune_lines(p: dict) -> list[str]:
     if e:
         lines.append(f"  {e['precision']} p50 unpruned {e['unpruned_p50_ms']:.3f} ms -> pruned {e['pruned_p50_ms']:.3f} ms "
                      f"({e['speedup_p50']:.2f}x, {e['where']}, timed in turn)")
+    return lines + latency_search_lines(p.get("latency_search"))
+
+
+def latency_search_lines(s: dict | None) -> list[str]:
+    """The latency goal's search: the goal, where the per-layer times came from, the trade curve."""
+    if not s:
+        return []
+    g = s["goal"]
+    goal = f"{g['target_latency']}x" if g.get("target_latency") is not None else f"{g['target_latency_ms']} ms"
+    lines = [f"  latency goal {goal} of unpruned p50 {g['unpruned_p50_ms']:.3f} ms on {s['target']}: "
+             f"{'reached' if s['reached'] else 'NOT reached'}{' (estimated)' if s['estimated'] else ''}",
+             f"  per-layer times: {s['table']['source']}{' (cached)' if s['table'].get('cached') else ''}",
+             "  trade curve (round: latency ratio measured/predicted, fp32 accuracy before recovery, MACs removed):"]
+    for pt in s["trade_curve"]:
+        measured = "-" if pt.get("measured_ratio") is None else f"{pt['measured_ratio']:.3f}"
+        acc = "-" if pt.get("fp32_accuracy") is None else f"{pt['fp32_accuracy']:.2f}"
+        lines.append(f"    {pt['round']}: {measured} / {pt['predicted_ratio']:.3f}, {acc}, {pt['macs_removed']:.0%}"
+                     + (" [noisy]" if pt.get("noisy") else ""))
+    if s.get("allocation"):
+        lines.append("  allocation (channels kept): " + ", ".join(f"{n} {k}/{c}" for n, (c, k) in s["allocation"].items()))
+    if s.get("layers_block"):
+        lines.append(f"  as a prune.layers block: {s['layers_block']}")
     return lines
 
 

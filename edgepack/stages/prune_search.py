@@ -126,6 +126,7 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 class LatencyTable:
     """Per layer, (share of weights kept, ms) points; per layer the ops that follow it (pooling,
     activations, reorders) against its output share; and what runs before the first layer."""
+    # (``_lines``/``_extra_lines``: the fitted lines, set after init)
 
     layers: dict[str, list[tuple[float, float]]]
     extra: dict[str, list[tuple[float, float]]]
@@ -133,19 +134,27 @@ class LatencyTable:
     source: str                     # "measured: ..." or "estimated: ..."
     overhead_ms: float = 0.0        # the runtime call's cost outside the profiled nodes (p50 minus the node sum)
 
+    def __post_init__(self) -> None:
+        self._lines = {k: fit_line(v) for k, v in self.layers.items()}
+        self._extra_lines = {k: fit_line(v) for k, v in self.extra.items()}
+
     def predict(self, layer_shares: dict[str, tuple[float, float]]) -> float:
+        """Each layer's time is a line in the share of its weights kept (the ops after it: in the share
+        of its outputs kept), fitted to the measured widths (:func:`fit_line`)."""
         t = self.fixed_ms + self.overhead_ms
         for name, (w, o) in layer_shares.items():
-            if name in self.layers:
-                pts = self.layers[name]
-                t += _interp(w, [p[0] for p in pts], [p[1] for p in pts])
-            if name in self.extra:
-                pts = self.extra[name]
-                t += _interp(o, [p[0] for p in pts], [p[1] for p in pts])
+            if name in self._lines:
+                a, b = self._lines[name]
+                t += max(0.0, a + b * w)
+            if name in self._extra_lines:
+                a, b = self._extra_lines[name]
+                t += max(0.0, a + b * o)
         return t
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "fixed_ms": round(self.fixed_ms, 5), "overhead_ms": round(self.overhead_ms, 5),
+                "fit": "ms = a + b * share kept, Theil-Sen over the measured widths",
+                "lines": {k: [round(a, 6), round(b, 6)] for k, (a, b) in self._lines.items()},
                 "layers": {k: [[round(a, 4), round(b, 5)] for a, b in v] for k, v in self.layers.items()},
                 "extra": {k: [[round(a, 4), round(b, 5)] for a, b in v] for k, v in self.extra.items()}}
 
@@ -156,19 +165,17 @@ class LatencyTable:
                    d["fixed_ms"], d["source"], d.get("overhead_ms", 0.0))
 
 
-def _monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points made non-decreasing in the share kept (pool adjacent violators): a narrower layer is
-    taken to be never slower; what breaks that in a measurement is mostly a busy host."""
-    pts = sorted(points)
-    blocks: list[list[float]] = []   # [sum, count]
-    for _, y in pts:
-        blocks.append([y, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            s, c = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += c
-    ys = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
-    return [(x, y) for (x, _), y in zip(pts, ys)]
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(a, b)`` of ``ms = a + b * share``, robust to one point in four thrown off by a busy host:
+    Theil-Sen (the median of the pairwise slopes, never negative: a narrower layer is taken to be never
+    slower) and the median intercept."""
+    if len(points) < 2:
+        return (0.0, points[0][1]) if points else (0.0, 0.0)
+    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
+              if abs(x2 - x1) > 1e-9]
+    b = max(0.0, float(np.median(slopes))) if slopes else 0.0
+    a = float(np.median([y - b * x for x, y in points]))
+    return a, b
 
 
 def table_from_profiles(profiles: list[tuple[dict[str, tuple[float, float]], dict[str, Any]]], source: str) -> LatencyTable:
@@ -182,8 +189,7 @@ def table_from_profiles(profiles: list[tuple[dict[str, tuple[float, float]], dic
             if name in att["extra"]:
                 extra.setdefault(name, []).append((o, att["extra"][name]))
     fixed = float(np.median([att["fixed_ms"] for _, att in profiles]))
-    return LatencyTable({k: _monotone(v) for k, v in layers.items()}, {k: _monotone(v) for k, v in extra.items()},
-                        fixed, source)
+    return LatencyTable(layers, extra, fixed, source)
 
 
 def _zeroed(group: Any, idxs: list[int], dg: Any) -> list[tuple[Any, Any, Any]]:
@@ -264,11 +270,13 @@ def step_of(g: Group, round_to: int | None) -> int:
 
 def allocate(groups: list[Group], shapes: dict[str, Shape], table: LatencyTable,
              sens: dict[str, list[tuple[float, float]]], goal_ms: float, start: dict[str, int] | None = None,
-             pinned: dict[str, int] | None = None, round_to: int | None = None, min_share: float = 1 / 16) -> Allocation:
+             pinned: dict[str, int] | None = None, round_to: int | None = None, min_share: float = 1 / 16,
+             max_cost: float | None = None) -> Allocation:
     """Greedy: from ``start`` (default: every channel kept), remove one step of channels at a time
     from the group with the most predicted latency saved per unit of accuracy cost (plus a small
     constant, so free steps go by latency), until the prediction reaches ``goal_ms`` or no step saves
-    time. ``pinned`` groups keep the given channel count."""
+    time, or every step left would take the summed accuracy cost over ``max_cost``. ``pinned`` groups
+    keep the given channel count."""
     pinned = pinned or {}
     keep = {g.root: pinned.get(g.root, g.channels) for g in groups}
     keep.update({k: v for k, v in (start or {}).items() if k not in pinned})
@@ -303,6 +311,8 @@ def allocate(groups: list[Group], shapes: dict[str, Shape], table: LatencyTable,
                 if gain <= 0:
                     continue
                 dc = max(0.0, _sens_cost(sens.get(g.root), new / g.channels, fallback) - here)
+                if max_cost is not None and cost + dc > max_cost:
+                    break
                 score = gain / (dc + eps)
                 if best is None or score > best[0]:
                     best = (score, g.root, new, p)
