@@ -63,21 +63,33 @@ class Timings:
     ``timings`` (so a build's cost is visible in its bundle)."""
 
     forward: Progress
-    stages: list[tuple[str, float]] = field(default_factory=list)
+    stages: list[tuple[str, float, dict[str, float]]] = field(default_factory=list)
 
     def __call__(self, stage: str, status: str, seconds: float | None, detail: str) -> None:
         if status == "done" and seconds is not None:
-            self.stages.append((stage, round(seconds, 3)))
+            self.stages.append((stage, round(seconds, 3), memory_mb()))
         self.forward(stage, status, seconds, detail)
 
     def record(self, shared: int, since: int) -> dict[str, Any]:
         """The stages before index ``shared`` (the build's shared work) and those from ``since`` on."""
         rows = self.stages[:shared] + self.stages[max(since, shared):]
-        return {"stages": [{"stage": n, "seconds": s} for n, s in rows],
-                "total_seconds": round(sum(s for _, s in rows), 3),
+        return {"stages": [{"stage": n, "seconds": s, **mem} for n, s, mem in rows],
+                "total_seconds": round(sum(s for _, s, _ in rows), 3),
                 "note": "wall seconds of each finished stage: reading the data is listed with every target of the build, "
                         "the export and the FP32 reference with the first target that needed them; bundling is not "
-                        "counted"}
+                        "counted. rss_mb: the build process's resident memory when the stage ended, peak_rss_mb: "
+                        "its peak so far (Linux /proc; memory probes and toolchains in child processes not included)"}
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident and peak resident memory (MB), from /proc/self/status; {} elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {"rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024, 1)} if len(fields) == 2 else {}
 
 
 @dataclass(frozen=True)
