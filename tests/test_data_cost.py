@@ -235,3 +235,17 @@ def test_a_bundle_with_float32_uncompressed_validation_files_still_validates(bui
         assert z["image"].dtype == np.float32 and z["image"].shape == (200, 1, 1, 8, 8)
     res = validate(bundle, report=tmp_path / "r.json", runs=5)
     assert res["passed"] and res["golden"]["within_tolerance"] == 1.0 and res["holdout"]["samples"] == 300
+
+
+def test_each_model_is_timed_once_per_target(built):
+    """The FP32 reference and FP32 on the target's runtime take their latency from the in-turn window;
+    the compiled model is timed alone (as validate times it on a device) and in that window."""
+    m = built[1]["cpu"].manifest.measurements
+    ref, fp32, comp = m.reference.latency, m.target_fp32.latency, m.compiled.latency
+    assert "in turn with compiled" in ref.how["interleaved"] and "in turn with" in fp32.how["interleaved"]
+    assert "interleaved" not in comp.how and comp.noise is not None
+    it = m.comparison.in_turn
+    assert ref.p50_ms == it["p50_ms"]["fp32 reference"] and fp32.p50_ms == it["p50_ms"]["fp32 on the target's runtime"]
+    assert ref.how["runs"] == it["runs"]["fp32 reference"] >= 12 * 5  # a dozen rounds of blocks of >= 5 calls
+    stages = built[1]["cpu"].manifest.timings["stages"]
+    assert all(s["peak_rss_mb"] >= s["rss_mb"] > 0 for s in stages)
