@@ -9,7 +9,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= onnx,openvino,tflite,hf,dev
+EXTRAS  ?= onnx,openvino,tflite,hf,cluster,dev
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

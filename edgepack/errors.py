@@ -149,6 +149,14 @@ class InstallError(EdgepackError):
     default_hint = "`edgepack status --root DIR` shows the active and previous versions"
 
 
+class ClusterError(EdgepackError):
+    """The Ray cluster named by --cluster / $EDGEPACK_CLUSTER cannot be reached or used."""
+
+    exit_code = 18
+    default_hint = ("start one with `ray start --head`, then pass its address (--cluster HOST:6379, ray://HOST:10001 "
+                    "or auto); without --cluster everything runs on this machine")
+
+
 class InterruptedBuildError(EdgepackError):
     """Ctrl-C (SIGINT)."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,73 @@ class TuningResult:
     ranking_seconds: float | None = None
 
 
+# How rank_layers scores its layers: None scores them here, one after another; a cluster run sets a
+# map(scorer, layer names) -> errors that scores them as parallel tasks (edgepack.cluster.ranking)
+layer_map: ContextVar[Callable[["LayerScorer", list[str]], list[float]] | None] = ContextVar("layer_map", default=None)
+
+
+@dataclass
+class LayerScorer:
+    """Scores one weighted layer quantized alone. It carries everything it needs (the prepared model's
+    and ONNX Runtime's range file's bytes, the samples, the FP32 outputs), so it runs on any machine."""
+
+    model: bytes
+    ranges: Any            # the CalibrationTable fitted once on the prepared model
+    range_file: bytes      # ONNX Runtime's own file of those ranges
+    range_name: str
+    nodes: list[str]
+    subset: Any
+    ref: list[np.ndarray]
+    symmetric: bool
+
+    def __call__(self, node: str, workdir: Path | None = None) -> float:
+        import tempfile
+
+        if workdir is None:
+            with tempfile.TemporaryDirectory(prefix="edgepack-rank-") as tmp:
+                return self(node, Path(tmp))
+        workdir.mkdir(parents=True, exist_ok=True)
+        pre, rf = workdir / "pre.onnx", workdir / "calib" / self.range_name
+        if not pre.is_file():
+            pre.write_bytes(self.model)
+        if not rf.is_file():
+            rf.parent.mkdir(parents=True, exist_ok=True)
+            rf.write_bytes(self.range_file)
+        return _score(pre, (self.ranges, rf), self.nodes, node, self.subset, self.ref, workdir, self.symmetric)
+
+
+def _outputs(path: Path, subset: Any) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [sess.run(None, s)[0] for s in subset]
+
+
+def _score(pre: Path, ranges: Any, nodes: list[str], node: str, subset: Any, ref: list[np.ndarray], workdir: Path,
+           symmetric: bool) -> float:
+    from edgepack.stages import quantize_qdq
+
+    out = workdir / f"only-{nodes.index(node)}.onnx"
+    quantize_qdq.quantize(pre, out, subset, "minmax", workdir, symmetric_activations=symmetric,
+                          exclude=[n for n in nodes if n != node], ranges=ranges)
+    got = _outputs(out, subset)
+    out.unlink(missing_ok=True)
+    return float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r ** 2)), 1e-12) for g, r in zip(got, ref)]))
+
+
 def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int = SENSITIVITY_SAMPLES,
-                symmetric: bool = True, deadline: float | None = None) -> list[tuple[str, float]]:
+                symmetric: bool = True, deadline: float | None = None,
+                map: Callable[[LayerScorer, list[str]], list[float]] | None = None) -> list[tuple[str, float]]:
     """(node name, output error) for each weighted layer quantized alone, most sensitive first.
 
     The error is the mean relative squared error of the model's first output against FP32,
     ``||y_q - y||^2 / ||y||^2``, over ``samples`` calibration samples. Past ``deadline`` (a
     time.monotonic() value) the ranking stops after the layer in hand: the layers not ranked follow the
-    ranked ones in graph order, with error NaN.
+    ranked ones in graph order, with error NaN. ``map`` (default: :data:`layer_map`'s value) scores
+    every layer at once, in parallel, with the same scorer: the same errors, so the same order; the
+    deadline is then not checked between layers.
     """
     import onnx
-    import onnxruntime as ort
 
     from edgepack.calibration.reader import SampleSet
     from edgepack.calibration.table import fit_ranges
@@ -81,24 +138,19 @@ def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int =
     pre = quantize_qdq.preprocess(fp32_onnx, workdir / "pre.onnx")
     ranges = fit_ranges(pre, subset, "minmax", workdir / "calib")
     nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in WEIGHTED_OPS]
-
-    def outputs(path: Path) -> list[np.ndarray]:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return [sess.run(None, s)[0] for s in subset]
-
-    ref = outputs(pre)
+    ref = _outputs(pre, subset)
+    map = map or layer_map.get()
+    if map is not None:
+        scorer = LayerScorer(pre.read_bytes(), ranges[0], ranges[1].read_bytes(), ranges[1].name, nodes,
+                             SampleSet([{k: np.array(v) for k, v in s.items()} for s in subset], None, subset.source),
+                             ref, symmetric)
+        return sorted(zip(nodes, (float(e) for e in map(scorer, nodes))), key=lambda t: -t[1])
     scores = []
-    for i, node in enumerate(nodes):
+    for node in nodes:
         if scores and deadline is not None and time.monotonic() > deadline:
             ranked = sorted(scores, key=lambda t: -t[1])
             return ranked + [(n, float("nan")) for n in nodes[len(scores):]]
-        out = workdir / f"only-{i}.onnx"
-        quantize_qdq.quantize(pre, out, subset, "minmax", workdir, symmetric_activations=symmetric,
-                              exclude=[n for n in nodes if n != node], ranges=ranges)
-        got = outputs(out)
-        err = float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r ** 2)), 1e-12) for g, r in zip(got, ref)]))
-        scores.append((node, err))
-        out.unlink(missing_ok=True)
+        scores.append((node, _score(pre, ranges, nodes, node, subset, ref, workdir, symmetric)))
     return sorted(scores, key=lambda t: -t[1])
 
 

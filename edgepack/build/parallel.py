@@ -28,6 +28,8 @@ class BuildOutcome:
     error: str | None = None
     hint: str | None = None
     error_type: str | None = None
+    where: dict[str, Any] | None = None  # on a cluster: the host, Ray node and worker pid that built it
+    exit_code: int = 1
 
 
 def default_workers(n_targets: int) -> int:

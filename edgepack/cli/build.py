@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -9,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import stdout_to_stderr, Format, err, fmt, out, print_json
-from edgepack.cli.options import DistOpt, FormatOpt, ProjectOpt, QuietOpt, TargetsDirOpt, ThreadsOpt
+from edgepack.cli.options import ClusterOpt, DistOpt, FormatOpt, ProjectOpt, QuietOpt, TargetsDirOpt, ThreadsOpt
 
 
 class _Progress:
@@ -48,6 +49,7 @@ def build(
     sign: Path = typer.Option(None, "--sign", help="Ed25519 private key (edgepack keygen): sign bundles that pass their gates."),
     format: FormatOpt = Format.human,
     quiet: QuietOpt = False,
+    cluster: ClusterOpt = None,
     tune: bool = typer.Option(True, "--tune/--no-tune",
                               help="When INT8 misses the accuracy budget, search for a build that meets it."),
     max_tuning_minutes: float = typer.Option(10.0, "--max-tuning-minutes", help="Time cap of that search, per target."),
@@ -68,6 +70,7 @@ def build(
     """Build bundles: load -> export ONNX -> calibrate -> compile -> measure -> bundle."""
     from edgepack.api import build as run_build
     from edgepack.api import raise_for_acceptance
+    from edgepack.cluster.connect import cluster_address
 
     if prune is not None and prune not in ("structured", "sparse-2of4", "off"):
         from edgepack.errors import ConfigError
@@ -83,6 +86,10 @@ def build(
     progress = _Progress(quiet)
     try:
         with stdout_to_stderr(format == Format.json):
+            if cluster_address(cluster):  # each target a task on a Ray cluster (edgepack.cluster)
+                from edgepack.cluster.builds import build_on_cluster
+
+                run_build = partial(build_on_cluster, cluster_address(cluster))
             results = run_build(project_path=project, targets=list(target), out=out_dir, threads=threads,
                                 progress=progress, targets_dirs=list(targets_dir), tune=tune,
                                 max_tuning_minutes=max_tuning_minutes, prune=flags,

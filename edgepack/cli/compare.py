@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgepack.cli.common import stdout_to_stderr, err, out, print_json
-from edgepack.cli.options import CompareFormat, CompareFormatOpt, DistOpt, ProjectOpt, QuietOpt, TargetsDirOpt
+from edgepack.cli.options import ClusterOpt, CompareFormat, CompareFormatOpt, DistOpt, QuietOpt, TargetsDirOpt
 from edgepack.compare import Comparison
 from edgepack.errors import ConfigError
 
@@ -79,7 +79,8 @@ def _check_limit(flag: str, value: float | None) -> float | None:
 
 def compare(
     targets: list[str] = typer.Option(..., "--targets", "-t", help="Comma-separated target names or .yaml paths; repeatable."),
-    project: ProjectOpt = None,
+    projects: list[Path] = typer.Option(None, "--project", "-p", help="Project folder or edgepack.yaml (default: .); "
+                                        "repeat for one table over models x targets."),
     out_dir: DistOpt = None,
     format: CompareFormatOpt = CompareFormat.human,
     html: Path = typer.Option(None, "--html", help="Write a self-contained HTML report (plots also as PNG beside it)."),
@@ -89,11 +90,13 @@ def compare(
     workers: int = typer.Option(None, "--workers", help="Parallel build processes (default: min(targets, CPUs // 2))."),
     suite: str = typer.Option("standard", "--calibration-suite", help="Reference models for the estimates: standard or quick."),
     targets_dir: TargetsDirOpt = [],
+    cluster: ClusterOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Compare targets: measured where possible, estimated where not, each figure labelled."""
     from edgepack.api import Budget
-    from edgepack.api import compare as run_compare
+    from edgepack.cluster.connect import cluster_address
+    from edgepack.compare import compare_projects
 
     names = _split_targets(list(targets))
     budget = Budget(max_latency_ms=_check_limit("--max-latency-ms", max_latency_ms),
@@ -106,39 +109,54 @@ def compare(
     view = _View(quiet)
     try:
         with stdout_to_stderr(format == CompareFormat.json):
-            result = run_compare(project_path=project, targets=names, out=out_dir, targets_dirs=list(targets_dir),
-                                 budget=budget, suite=suite, workers=workers, progress=view.phase,
-                                 on_build_event=view.build_event)
+            results = compare_projects(projects=list(projects or [None]), targets=names, out=out_dir,
+                                       targets_dirs=list(targets_dir), budget=budget, suite=suite, workers=workers,
+                                       progress=view.phase, on_build_event=view.build_event,
+                                       cluster=cluster_address(cluster))
     finally:
         view.stop()
+    if html is not None and len(results) > 1:
+        raise ConfigError("--html writes the report of one project", hint="compare one --project at a time for --html")
     written: dict[str, Path] = {}
     if html is not None:
         from edgepack.compare.html import write_html
 
-        written = write_html(c=result, path=html)
+        written = write_html(c=results[0], path=html)
     if format == CompareFormat.json:
-        print_json(result.to_json() | {"report": {k: str(v) for k, v in written.items()}})
+        docs = [r.to_json() for r in results]
+        print_json(docs[0] | {"report": {k: str(v) for k, v in written.items()}} if len(docs) == 1 else docs)
         return
     if format == CompareFormat.markdown:
         from edgepack.compare.report import to_markdown
 
-        print(to_markdown(c=result), end="")
+        print("\n".join(to_markdown(c=r) for r in results), end="")
     else:
-        _human(result)
+        _human(results)
     for key, path in written.items():
         out.print(f"{key}: {escape(str(path))}")
 
 
-def _human(c: Comparison) -> None:
-    from edgepack.compare.report import accuracy_text, budget_text, error_text, fmt_cell, short_source
-
-    t = Table(title=f"edgepack compare: {c.project} {c.version}", show_lines=True)
+def _human(cs: list[Comparison]) -> None:
+    many = len(cs) > 1
+    title = ", ".join(f"{c.project} {c.version}" for c in cs)
+    t = Table(title=f"edgepack compare: {title}", show_lines=True)
     cols = ["target", "device", "runtime", "accuracy (Δ)", "p50 ms", "p90 ms", "per s", "size MB", "peak MB",
             "estimate p50 (error)", "status"]
-    if c.budget:
+    if any(c.budget for c in cs):
         cols.insert(-1, "budget")
+    if many:
+        cols.insert(0, "model")
     for col in cols:
         t.add_column(col, overflow="fold")
+    for c in cs:
+        _rows(t, c, many, any(c.budget for c in cs))
+    out.print(t)
+    for c in cs:
+        _notes(c, f"{c.project}/" if many else "")
+
+
+def _rows(t: Table, c: Comparison, many: bool, budgeted: bool) -> None:
+    from edgepack.compare.report import accuracy_text, budget_text, error_text, fmt_cell, short_source
 
     def cell(x, nd=3) -> str:
         return f"{fmt_cell(x, nd)} [dim]{escape(short_source(x))}[/]" if x.value is not None else "n/a"
@@ -149,20 +167,27 @@ def _human(c: Comparison) -> None:
             if r.estimate else "n/a"
         values = [r.target, escape(r.device), f"{r.backend} {r.precision}", acc, cell(r.p50_ms), cell(r.p90_ms),
                   cell(r.throughput_per_s, 1), cell(r.size_mb), cell(r.peak_memory_mb, 2), est, r.status]
-        if c.budget:
-            values.insert(-1, budget_text(r) + (" [bold](cheapest)[/]" if r.target == c.cheapest else ""))
+        if budgeted:
+            values.insert(-1, budget_text(r) + (" [bold](cheapest)[/]" if r.target == c.cheapest else "")
+                          if c.budget else "")
+        if many:
+            values.insert(0, escape(c.project))
         t.add_row(*values)
-    out.print(t)
+
+
+def _notes(c: Comparison, prefix: str) -> None:
+    from edgepack.compare.report import error_text
+
     for r in c.rows:
         if r.reason:
-            out.print(f"[bold]{escape(r.target)}[/]: {escape(r.reason)}")
+            out.print(f"[bold]{escape(prefix + r.target)}[/]: {escape(r.reason)}")
     measured = [r for r in c.rows if r.estimate_error_pct is not None]
     if measured:
-        out.print("estimate vs measured on this host: " + ", ".join(
+        out.print(escape(prefix) + "estimate vs measured on this host: " + ", ".join(
             f"{r.target} {r.estimate['p50_ms']:.3f} vs {r.p50_ms.value:.3f} ms ({error_text(r)})" for r in measured))
     if c.budget:
         from edgepack.compare.report import budget_line
 
-        out.print("budget: " + escape(budget_line(c)))
+        out.print(escape(prefix) + "budget: " + escape(budget_line(c)))
     for n in c.notes:
         out.print(f"[dim]note: {escape(n)}[/]")

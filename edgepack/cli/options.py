@@ -36,6 +36,9 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for err
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder or edgepack.yaml (default: .).")]
 DistOpt = Annotated[Path, typer.Option("--out", "-o", help="Bundle folder (default: <project>/dist).")]
 TargetsDirOpt = Annotated[list[Path], typer.Option("--targets-dir", help="Extra folder of target profiles; repeatable.")]
+ClusterOpt = Annotated[str, typer.Option(
+    "--cluster", envvar="EDGEPACK_CLUSTER", show_envvar=False,
+    help="Run the builds as tasks on a Ray cluster: HOST:PORT, ray://HOST:10001 or auto (also $EDGEPACK_CLUSTER).")]
 
 # running a model (build, validate, install)
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Inference threads (default: the profile's).")]

@@ -1,0 +1,188 @@
+"""`--cluster`: builds and the sensitivity ranking as tasks on a real Ray cluster on 127.0.0.1 (a head and
+a second node, one CPU each, no dashboard), against the same work done locally."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgepack.cli.app import app
+from tests.backends.contract import samples, tiny_onnx
+from tests.conftest import edit_yaml
+
+# a head bound to 127.0.0.1: the driver and both nodes name themselves by the loopback address too
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+runner = CliRunner()
+TARGETS = ["cpu", "onnx", "android-arm64"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a second node on 127.0.0.1, one CPU each; this process is the driver."""
+    pytest.importorskip("ray")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    try:
+        yield c.address
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_digests(bundle: Path, tmp: Path) -> dict[str, str]:
+    """sha256 of each model file, less what depends on the process rather than the build: an exported
+    ONNX graph's per-node metadata (source paths, torch's per-process module hash) and OpenVINO's .xml
+    (layer names from a process-wide counter; its weights are the .bin). Two local runs differ there too."""
+    import onnx
+
+    from edgepack.bundle import read_archive
+
+    read_archive(bundle, tmp)
+    found = {}
+    for f in sorted((tmp / "model").rglob("*")):
+        if f.suffix == ".xml" or not f.is_file():
+            continue
+        if f.suffix == ".onnx":
+            m = onnx.load(str(f))
+            for n in m.graph.node:
+                del n.metadata_props[:]
+            data = m.SerializeToString(deterministic=True)
+        else:
+            data = f.read_bytes()
+        found[f.name] = hashlib.sha256(data).hexdigest()
+    return found
+
+
+def test_nothing_imports_ray_without_cluster():
+    code = ("import sys; from edgepack.cli.app import app; import edgepack.compare, edgepack.build, edgepack.tuning; "
+            "print('ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_an_unreachable_address_fails_fast_with_its_exit_code(trained_project, tmp_path):
+    t = time.monotonic()
+    r = runner.invoke(app, ["compare", "-p", str(trained_project), "-t", "onnx", "--out", str(tmp_path),
+                            "--cluster", f"127.0.0.1:{free_port()}", "-q"], env={"EDGEPACK_CLUSTER": ""})
+    seconds = time.monotonic() - t
+    assert r.exit_code == 18, r.output
+    assert "error: --cluster 127.0.0.1:" in r.output and "hint: start one with `ray start --head`" in r.output
+    assert seconds < 30  # the issue's bound; it takes well under 10 s
+    bad = runner.invoke(app, ["build", "-p", str(trained_project), "-t", "onnx", "--out", str(tmp_path)],
+                        env={"EDGEPACK_CLUSTER": "not-an-address"})
+    assert bad.exit_code == 2 and "expected HOST:PORT" in bad.output
+    assert not list(tmp_path.glob("*.edgepack"))
+
+
+def test_ship_packs_the_project_once_without_bundles_or_scratch(trained_project, tmp_path):
+    from edgepack.cluster.ship import pack, unpack
+
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "old.edgepack").write_bytes(b"x")
+    a, b = pack(trained_project / "edgepack.yaml", [], out), pack(trained_project / "edgepack.yaml", [], out)
+    assert a.digest == b.digest and a.files == b.files >= 5
+    names = zipfile.ZipFile(__import__("io").BytesIO(a.data)).namelist()
+    assert "project/edgepack.yaml" in names and not any(n.endswith(".edgepack") for n in names)
+    root = unpack(a.data, tmp_path / "in")
+    assert (root / a.project_file).read_bytes() == (trained_project / "edgepack.yaml").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def local_and_cluster(cluster, trained_project, tmp_path_factory):
+    from edgepack.api import compare
+
+    local = compare(trained_project, TARGETS, tmp_path_factory.mktemp("local"), suite="quick", workers=1)
+    events: list = []
+    on_cluster = compare(trained_project, TARGETS, tmp_path_factory.mktemp("on-cluster"), suite="quick",
+                         cluster=cluster, on_build_event=events.append)
+    return local, on_cluster, events
+
+
+def test_compare_on_the_cluster_gives_the_local_rows(local_and_cluster, tmp_path):
+    local, on_cluster, events = local_and_cluster
+    a, b = {r.target: r for r in local.rows}, {r.target: r for r in on_cluster.rows}
+    assert list(a) == list(b) == TARGETS
+    for t in TARGETS:
+        assert (a[t].status, a[t].backend, a[t].precision) == (b[t].status, b[t].backend, b[t].precision), t
+    bundles = {t: [c.out / f"{c.project}-{c.version}-{t}.edgepack" for c in (local, on_cluster)] for t in TARGETS}
+    assert all(p.is_file() for pair in bundles.values() for p in pair)
+    digests = {t: [model_digests(p, tmp_path / t / str(i)) for i, p in enumerate(pair)] for t, pair in bundles.items()}
+    print("model files identical, local vs cluster:", {t: a == b for t, (a, b) in digests.items()})
+    for t, (a, b) in digests.items():  # every backend here quantizes deterministically: the same model files
+        assert a == b and a, t
+    # the progress came from the cluster's tasks, labelled with the node and worker
+    assert {e[0].split(" @ ")[0] for e in events} == set(TARGETS)
+    assert all(re.search(r" @ .+/[0-9a-f]{6} pid \d+$", e[0]) for e in events)
+
+
+def test_a_killed_worker_is_retried_and_every_row_comes_back_once(cluster, trained_project, tmp_path):
+    """Two projects x one target on the cluster; the first worker seen building is killed by its PID."""
+    from edgepack.compare import compare_projects
+
+    other = tmp_path / "other"
+    __import__("shutil").copytree(trained_project, other)
+    edit_yaml(other, "name: digits", "name: digits-b")
+    killed: list[int] = []
+
+    def on_event(e):
+        m = re.search(r" pid (\d+)$", e[0])
+        if m and not killed and e[1] != "task":  # inside the build, past the task's first line
+            killed.append(int(m.group(1)))
+            os.kill(killed[0], signal.SIGKILL)
+            print(f"killed worker pid {killed[0]} while it ran '{e[1]}' for {e[0]}")
+
+    out = tmp_path / "dist"
+    found = compare_projects([trained_project, other], ["onnx"], out, suite="quick", cluster=cluster,
+                             on_build_event=on_event)
+    assert killed
+    assert [(c.project, [(r.target, r.status) for r in c.rows]) for c in found] == [
+        ("digits", [("onnx", "measured")]), ("digits-b", [("onnx", "measured")])]
+    bundles = sorted(p.name for p in out.rglob("*.edgepack"))
+    assert bundles == ["digits-1.2.3-onnx.edgepack", "digits-b-1.2.3-onnx.edgepack"]
+    assert not [p for p in out.rglob("*.part")]
+    print("rows:", [(c.project, r.target, r.status) for c in found for r in c.rows], "bundles:", bundles)
+
+
+def test_the_parallel_ranking_matches_the_serial_one(cluster, tmp_path):
+    from edgepack.cluster.ranking import cluster_layer_map
+    from edgepack.tuning import rank_layers
+
+    art = tiny_onnx(tmp_path / "m")
+    data = samples(16)
+    serial = rank_layers(art.path, data, tmp_path / "serial")
+    parallel = rank_layers(art.path, data, tmp_path / "parallel", map=cluster_layer_map(cluster))
+    assert [n for n, _ in parallel] == [n for n, _ in serial] and len(serial) >= 2
+    assert all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for (_, a), (_, b) in zip(serial, parallel))
+
+
+def test_build_on_the_cluster_through_the_cli(cluster, trained_project, tmp_path):
+    r = runner.invoke(app, ["build", "-p", str(trained_project), "-t", "onnx", "--out", str(tmp_path),
+                            "--format", "json", "-q"], env={"EDGEPACK_CLUSTER": cluster})
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "digits-1.2.3-onnx.edgepack"
+    assert bundle.is_file() and hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
