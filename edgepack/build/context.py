@@ -67,6 +67,8 @@ class Timings:
 
     def __call__(self, stage: str, status: str, seconds: float | None, detail: str) -> None:
         if status == "done" and seconds is not None:
+            if seconds > 1.0:
+                release_memory()
             self.stages.append((stage, round(seconds, 3), memory_mb()))
         self.forward(stage, status, seconds, detail)
 
@@ -79,6 +81,19 @@ class Timings:
                         "the export and the FP32 reference with the first target that needed them; bundling is not "
                         "counted. rss_mb: the build process's resident memory when the stage ended, peak_rss_mb: "
                         "its peak so far (Linux /proc; memory probes and toolchains in child processes not included)"}
+
+
+def release_memory() -> None:
+    """Hand memory freed by a finished stage (an export's graphs, a toolchain's copies) back to the OS,
+    so the next stage's peak does not stack on the last one's leftovers (glibc keeps freed heap)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def memory_mb() -> dict[str, float]:
