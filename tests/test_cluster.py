@@ -186,3 +186,21 @@ def test_build_on_the_cluster_through_the_cli(cluster, trained_project, tmp_path
     bundle = tmp_path / "digits-1.2.3-onnx.edgepack"
     assert bundle.is_file() and hashlib.sha256(bundle.read_bytes()).hexdigest()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_cancels_the_cluster_build_and_leaves_no_bundle(cluster, trained_project, tmp_path):
+    """Ctrl-C on the driver while a task builds: exit 130, nothing in --out (no bundle, no partial file)."""
+    out = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-c", "from edgepack.cli.main import main; main()", "build", "-p",
+                             str(trained_project), "-t", "onnx", "--out", str(out), "--cluster", cluster],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "EDGEPACK_CLUSTER": ""})
+    seen = []
+    for line in proc.stderr:  # the first progress line from the task on the cluster
+        seen.append(line)
+        if "[onnx @ " in line and "calibration" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait() == 130, "".join(seen) + rest
+    assert list(out.iterdir()) == []

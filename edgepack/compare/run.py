@@ -214,6 +214,10 @@ def compare_projects(projects: list[Path | None], targets: list[str], out: Path 
     With ``cluster`` (a Ray address) every project x target build is a task on that cluster."""
     progress = progress or quiet
     _check(targets, workers, suite)
+    if cluster:  # before any work: an address where nothing answers fails in seconds
+        from edgepack.cluster.connect import probe
+
+        probe(cluster)
     files = [find_project(p) for p in projects]
     if len(set(files)) != len(files):
         raise ConfigError("the same project is given twice", hint="pass each --project once")
