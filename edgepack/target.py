@@ -76,10 +76,13 @@ class Quantization(Frozen):
     samples: int = Field(default=300, gt=0, description="default calibration sample count")
     keep_float: list[str] = Field(default_factory=list,
                                   description="ONNX node names kept in higher precision (set by accuracy tuning)")
+    recipe: str = Field(default="default", description="the INT8 recipe: 'default', or one of the backend's "
+                        "recovery_methods (e.g. bias-correction), set by accuracy tuning")
     reason: str | None = Field(default=None, description="why these settings fit the hardware")
 
     _tensor_types = field_validator("activation_type", "weight_type")(
         classmethod(_type_name("tensor type", "int8, uint8, int16")))
+    _recipe = field_validator("recipe")(classmethod(_type_name("recipe", "default, bias-correction")))
 
 
 class Measurement(Frozen):

@@ -5,14 +5,17 @@ The search is shared by every backend; each backend only knows how to honour
 precision). Steps, each compiled and scored on the target's own runtime:
 
 1. the other calibration methods the backend supports; keep the most accurate;
-2. rank layer sensitivity once, on the host with ONNX Runtime: quantize one weighted layer at a
+2. the backend's INT8 recovery methods (``recovery_methods``: bias correction, learned rounding...,
+   cheapest first), each with every layer still in INT8; keep the most accurate;
+3. rank layer sensitivity once, on the host with ONNX Runtime: quantize one weighted layer at a
    time and measure the output error on calibration samples;
-3. keep the most sensitive layers in higher precision: 1, 2, 4, ... layers until the budget holds,
-   then bisect down to the fewest that still meet it.
+4. keep the most sensitive layers in higher precision (from the most accurate all-INT8 build of
+   steps 1-2): 1, 2, 4, ... layers until the budget holds, then bisect down to the fewest that
+   still meet it.
 
 It stops when the budget holds, or at the step or time cap, and returns every trial (the trade
-curve) with the best one: the first that meets the budget with the fewest layers kept in float,
-else the most accurate.
+curve) with the best one: of the builds that meet the budget, the fastest (timed in turn when more
+than one does; within ``NEAR_TIE`` the one with fewer layers in float), else the most accurate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from edgepack.measure.accuracy import drop, goodness
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SENSITIVITY_SAMPLES = 32
+DEFAULT_RECIPE = "default"
+NEAR_TIE = 0.03  # p50s within 3% are a tie: fewer layers in float, then accuracy, win it
 
 
 @dataclass
@@ -44,11 +49,19 @@ class Trial:
     p50_ms: float
     seconds: float
     meets_budget: bool
+    recipe: str = DEFAULT_RECIPE
+    scored_on: int | None = None  # evaluation samples scored, when only a subset was (None: all of them)
 
     def to_json(self, ref_acc: dict) -> dict[str, Any]:
-        return {"step": self.step, "calibration_method": self.method, "kept_in_higher_precision": len(self.kept),
-                "accuracy": self.accuracy["value"], "drop_points": round(drop(ref_acc, self.accuracy), 3),
-                "p50_ms_host": self.p50_ms, "seconds": round(self.seconds, 2), "meets_budget": self.meets_budget}
+        row = {"step": self.step, "calibration_method": self.method, "recipe": self.recipe,
+               "kept_in_higher_precision": len(self.kept), "accuracy": self.accuracy["value"],
+               "drop_points": round(drop(ref_acc, self.accuracy), 3), "p50_ms_host": self.p50_ms,
+               "seconds": round(self.seconds, 2), "meets_budget": self.meets_budget}
+        if self.accuracy.get("cosine_mean") is not None:
+            row["cosine_mean"] = self.accuracy["cosine_mean"]
+        if self.scored_on is not None:
+            row["scored_on_samples"] = self.scored_on
+        return row
 
 
 @dataclass
@@ -59,6 +72,7 @@ class TuningResult:
     stopped: str = ""
     failed: list[dict[str, str]] = field(default_factory=list)
     ranking_seconds: float | None = None
+    finalists: dict[str, Any] | None = None  # the budget-meeting builds timed in turn, when more than one
 
 
 # How rank_layers scores its layers: None scores them here, one after another; a cluster run sets a
@@ -154,11 +168,34 @@ def rank_layers(fp32_onnx: Path, calibration: Any, workdir: Path, samples: int =
     return sorted(scores, key=lambda t: -t[1])
 
 
-def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list[str]], Trial],
+def pick(trials: list[Trial], time_in_turn: Callable[[list[Trial]], list[float]] | None = None
+         ) -> tuple[Trial, dict[str, Any] | None]:
+    """Accuracy first, then cost: of the trials that meet the budget, the fastest (``time_in_turn`` times
+    them in one window and returns their p50s; else each trial's own p50); p50s within ``NEAR_TIE`` of the
+    fastest are a tie that fewer layers in float, then accuracy, win. None meets it: the most accurate."""
+    meeting = [t for t in trials if t.meets_budget]
+    if not meeting:
+        return max(trials, key=lambda t: goodness(t.accuracy)), None
+    if len(meeting) == 1:
+        return meeting[0], None
+    timed = time_in_turn(meeting) if time_in_turn is not None else None
+    p50 = timed or [t.p50_ms for t in meeting]
+    fastest = min(p50)
+    order = sorted(range(len(meeting)), key=lambda i: (p50[i] > fastest * (1 + NEAR_TIE), len(meeting[i].kept),
+                                                       -goodness(meeting[i].accuracy), p50[i]))
+    best = meeting[order[0]]
+    return best, {"how": "timed in turn in one window" if timed else "each build's own host p50",
+                  "p50_ms": {t.step: round(p, 4) for t, p in zip(meeting, p50)}, "chosen": best.step,
+                  "near_tie": NEAR_TIE}
+
+
+def search(plain: Trial, methods: list[str], try_build: Callable[..., Trial],
            rank: Callable[[float], list[tuple[str, float]]], max_minutes: float, max_steps: int,
-           progress: Callable[[str], None]) -> TuningResult:
-    """Run the search from the plain INT8 trial. ``try_build(step, method, kept)`` compiles and scores;
-    ``rank(deadline)`` ranks the layers, stopping at ``deadline``."""
+           progress: Callable[[str], None], recipes: tuple[str, ...] | list[str] = (),
+           time_in_turn: Callable[[list[Trial]], list[float]] | None = None) -> TuningResult:
+    """Run the search from the plain INT8 trial. ``try_build(step, method, kept[, recipe=...])`` compiles
+    and scores (``recipe`` is passed for the recovery methods only); ``rank(deadline)`` ranks the layers,
+    stopping at ``deadline``; ``time_in_turn`` times the builds that meet the budget in one window."""
     deadline = time.monotonic() + max_minutes * 60
     trials = [plain]
 
@@ -173,10 +210,19 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
     ranking_seconds: float | None = None
 
     def finish(stopped: str, sens=()) -> TuningResult:
-        meeting = [t for t in trials if t.meets_budget]
-        best = min(meeting, key=lambda t: (len(t.kept), -goodness(t.accuracy))) if meeting else \
-            max(trials, key=lambda t: goodness(t.accuracy))
-        return TuningResult(best, trials, list(sens), stopped, failed, ranking_seconds)
+        best, finalists = pick(trials, time_in_turn)
+        return TuningResult(best, trials, list(sens), stopped, failed, ranking_seconds, finalists)
+
+    def attempt(step: str, method: str, recipe: str = DEFAULT_RECIPE) -> Trial | None:
+        progress(step)
+        try:
+            t = try_build(step, method, [], **({} if recipe == DEFAULT_RECIPE else {"recipe": recipe}))
+        except ToolchainError as e:  # a method the toolchain cannot fit on this model is skipped, and said
+            failed.append({"step": step, "error": e.message})
+            progress(f"{step} failed: {e.message}")
+            return None
+        trials.append(t)
+        return t
 
     if plain.meets_budget:
         return finish("plain INT8 met the budget")
@@ -186,16 +232,21 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
             continue
         if stop := out_of_budget():
             return finish(stop)
-        progress(f"calibration method {m}")
-        try:
-            t = try_build(f"calibration {m}", m, [])
-        except ToolchainError as e:  # a method the toolchain cannot fit on this model is skipped, and said
-            failed.append({"step": f"calibration {m}", "error": e.message})
-            progress(f"calibration method {m} failed: {e.message}")
+        t = attempt(f"calibration {m}", m)
+        if t is None:
             continue
-        trials.append(t)
         if t.meets_budget:
             return finish(f"calibration method {m} met the budget")
+        if goodness(t.accuracy) > goodness(best_method.accuracy):
+            best_method = t
+    for r in recipes:  # INT8 recovery on every layer, before any layer is kept in float
+        if stop := out_of_budget():
+            return finish(stop)
+        t = attempt(f"recovery {r}", best_method.method, r)
+        if t is None:
+            continue
+        if t.meets_budget:
+            return finish(f"recovery method {r} met the budget with every layer in INT8")
         if goodness(t.accuracy) > goodness(best_method.accuracy):
             best_method = t
     if stop := out_of_budget():
@@ -210,12 +261,13 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
         progress(f"ranking stopped at half the time left: {len(sens) - unranked} of {len(sens)} layers ranked")
     order = [name for name, _ in sens]
     method = best_method.method
+    extra = {} if best_method.recipe == DEFAULT_RECIPE else {"recipe": best_method.recipe}
     lo, hi, k = 0, None, 1
     while k <= len(order):  # grow 1, 2, 4, ... until the budget holds
         if stop := out_of_budget():
             return finish(stop, sens)
         progress(f"keeping {k} layer(s) in higher precision")
-        t = try_build(f"keep {k} in float", method, order[:k])
+        t = try_build(f"keep {k} in float", method, order[:k], **extra)
         trials.append(t)
         if t.meets_budget:
             hi = k
@@ -229,7 +281,7 @@ def search(plain: Trial, methods: list[str], try_build: Callable[[str, str, list
             return finish(stop, sens)
         mid = (lo + hi) // 2
         progress(f"keeping {mid} layer(s) in higher precision")
-        t = try_build(f"keep {mid} in float", method, order[:mid])
+        t = try_build(f"keep {mid} in float", method, order[:mid], **extra)
         trials.append(t)
         lo, hi = (lo, mid) if t.meets_budget else (mid, hi)
     return finish(f"budget met keeping {hi} layer(s) in higher precision", sens)

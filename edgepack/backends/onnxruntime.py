@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
+from edgepack.errors import ToolchainError
 
 
 TRANSFORMER_OPS = ["MatMul", "Gemm", "Conv"]
@@ -66,6 +67,9 @@ class ONNXRuntimeBackend(Backend):
     packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
     # U8S8 (uint8 activations, int8 weights) is MLAS's fast path on AVX2 without VNNI
     activation_types: ClassVar[tuple[str, ...]] = ("int8", "uint8")
+    # INT8 recovery the accuracy search tries before it keeps any layer in float (quantization.recipe):
+    # bias-correction: NNCF's ONNX backend with its full bias correction (quantize_qdq.quantize_nncf)
+    recovery_methods: ClassVar[tuple[str, ...]] = ("bias-correction",)
 
     class Options(Backend.Options):
         quant_format: Literal["qdq"] = "qdq"
@@ -103,13 +107,24 @@ class ONNXRuntimeBackend(Backend):
         qc = target.quantization
         src = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx") if options.preprocess else model.path
         # transformers: only the weighted ops; attention masks (finfo.min) and softmax stay in float
-        op_types = TRANSFORMER_OPS if model.details.get("model_type") == "transformer" else None
-        quantize_qdq.quantize(src, out, calibration, qc.calibration_method, workdir,
-                              activation_type=qc.activation_type, symmetric_activations=qc.symmetric_activations,
-                              per_channel=qc.per_channel, exclude=qc.keep_float, op_types=op_types,
-                              reduce_range=options.reduce_range)
+        transformer = model.details.get("model_type") == "transformer"
+        op_types = TRANSFORMER_OPS if transformer else None
+        recipe: dict[str, Any] = {"tool": "onnxruntime.quantization.quantize_static"}
+        if qc.recipe == "bias-correction":
+            recipe = quantize_qdq.quantize_nncf(src, out, calibration, workdir, activation_type=qc.activation_type,
+                                                symmetric_activations=qc.symmetric_activations,
+                                                exclude=qc.keep_float, transformer=transformer,
+                                                method=qc.calibration_method)
+        elif qc.recipe != "default":
+            raise ToolchainError(f"the onnxruntime backend has no INT8 recipe '{qc.recipe}'",
+                                 hint=f"known: default, {', '.join(self.recovery_methods)}")
+        else:
+            quantize_qdq.quantize(src, out, calibration, qc.calibration_method, workdir,
+                                  activation_type=qc.activation_type, symmetric_activations=qc.symmetric_activations,
+                                  per_channel=qc.per_channel, exclude=qc.keep_float, op_types=op_types,
+                                  reduce_range=options.reduce_range)
         (workdir / "preprocessed.onnx").unlink(missing_ok=True)
-        cfg = {"backend": self.name, "precision": "int8", "tool": "onnxruntime.quantization.quantize_static",
+        cfg = {"backend": self.name, "precision": "int8", **recipe, "recipe": qc.recipe,
                "format": "qdq", "kept_in_float": list(qc.keep_float), "activations": qc.activation_type, "weights": qc.weight_type,
                "per_channel": qc.per_channel, "symmetric_activations": qc.symmetric_activations,
                "calibration_method": qc.calibration_method, "calibration_samples": len(calibration),

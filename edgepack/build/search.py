@@ -14,7 +14,7 @@ from edgepack.build.context import BuildContext, Outputs, Progress, Reference, S
 from edgepack.build.plan import TargetPlan
 from edgepack.errors import ToolchainError
 from edgepack.measure import accuracy as acc
-from edgepack.measure.latency import measure_latency
+from edgepack.measure.latency import measure_in_turn, measure_latency
 from edgepack.project import Project
 from edgepack.target import TargetProfile
 from edgepack.tuning import Trial, TuningResult, rank_layers, search
@@ -34,9 +34,19 @@ def accuracy_budget(project: Project, profile: TargetProfile, ref: dict) -> Call
     return lambda value: acc.drop(ref, {**ref, "value": value}) <= min(limits) + 1e-9
 
 
+# Tuning trials are scored on the first SUBSET_SAMPLES evaluation samples first; the rest of the set is run
+# only for a trial within SUBSET_MARGIN standard errors of the budget or better (the finalists), so a clear
+# miss costs a fraction of an evaluation pass. Only for percent metrics (top-1, top-1 agreement).
+SUBSET_SAMPLES = 100
+SUBSET_MARGIN = 2.0
+
+
 @dataclass
 class Trials:
-    """Compiles and scores one variant of a target per call (``try_build(step, method, kept, level)``)."""
+    """Compiles and scores one variant of a target per call (``try_build(step, method, kept, level)``).
+
+    Each compiled model's evaluation outputs are cached by its digest: a variant that compiles to the same
+    model is not run again, and the measure stage takes the chosen trial's outputs (``Trial.outputs``)."""
 
     ctx: BuildContext
     plan: TargetPlan
@@ -47,12 +57,16 @@ class Trials:
     on_error: Callable[[ToolchainError, Path], ToolchainError]
     budget: Callable[[float], bool] | None = None
     trials: list[Trial] = field(default_factory=list)
+    subset: int | None = SUBSET_SAMPLES
+    outputs_by_digest: dict[str, Outputs] = field(default_factory=dict)
 
     def __call__(self, step: str, method: str, kept: list[str], level: str | None = None,
-                 precision: str | None = None) -> Trial:
+                 precision: str | None = None, recipe: str | None = None) -> Trial:
         ctx, profile, backend = self.ctx, self.plan.profile, self.plan.backend
-        update: dict[str, Any] = {"quantization": profile.quantization.model_copy(
-            update={"calibration_method": method, "keep_float": kept})}
+        q: dict[str, Any] = {"calibration_method": method, "keep_float": kept}
+        if recipe is not None:
+            q["recipe"] = recipe
+        update: dict[str, Any] = {"quantization": profile.quantization.model_copy(update=q)}
         if precision is not None:
             update["precision"] = precision
         variant = profile.model_copy(update=update)
@@ -64,17 +78,52 @@ class Trials:
         except ToolchainError as e:
             raise self.on_error(e, where) from e
         runner, _ = backend.host_runner(compiled.path, self.threads)
-        outputs = acc.run_all(runner, ctx.evaluation)
-        score = self.score(outputs)
+        outputs, score, scored_on = self.evaluate(runner, compiled.digest)
         p50 = measure_latency(runner, ctx.evaluation.samples[0], 5, 30, 5.0, self.threads)["p50_ms"]
         trial = Trial(step, method, kept, compiled, score, outputs, p50, time.perf_counter() - t0,
-                      self.budget is None or self.budget(score["value"]))
+                      self.budget is None or self.budget(score["value"]), variant.quantization.recipe, scored_on)
         self.trials.append(trial)
         return trial
 
-    def score(self, outputs: Outputs) -> dict[str, Any]:
-        """The metric plan's score of ``outputs`` on the evaluation set, against the FP32 reference's."""
-        return acc.score(self.ctx.metric_plan, outputs, self.ctx.evaluation.labels, self.ref.outputs)
+    def evaluate(self, runner: Any, digest: str) -> tuple[Outputs, dict[str, Any], int | None]:
+        """Outputs and score: from the cache, or on the subset first and on the whole set only for a
+        finalist. Returns how many samples were scored when it was only the subset."""
+        samples = self.ctx.evaluation.samples
+        cached = self.outputs_by_digest.get(digest)
+        if cached is not None:
+            return cached, self.score(cached), None
+        n = self.subset if self.subset and self.budget is not None and self.subset < len(samples) else None
+        head = acc.run_all(runner, samples[:n] if n else samples)
+        if n:
+            score = self.score(head, n)
+            if not self.finalist(score, n):
+                return head, score, n
+            head = head + acc.run_all(runner, samples[n:])
+        self.outputs_by_digest[digest] = head
+        return head, self.score(head), None
+
+    def finalist(self, score: dict[str, Any], n: int) -> bool:
+        """True when the subset's score meets the budget or misses it by less than the margin (two
+        standard errors of a share measured on ``n`` samples); non-percent metrics are always scored whole."""
+        if self.budget is None or "percent" not in str(score.get("unit", "")):
+            return True
+        margin = SUBSET_MARGIN * 100.0 * 0.5 / n ** 0.5
+        sign = 1.0 if score.get("higher_is_better", True) else -1.0
+        return self.budget(score["value"]) or self.budget(score["value"] + sign * margin)
+
+    def score(self, outputs: Outputs, n: int | None = None) -> dict[str, Any]:
+        """The metric plan's score of ``outputs`` on the evaluation set (its first ``n`` samples), against
+        the FP32 reference's."""
+        labels, ref = self.ctx.evaluation.labels, self.ref.outputs
+        if n is not None:
+            labels, ref = (labels[:n] if labels is not None else None), ref[:n]
+        return acc.score(self.ctx.metric_plan, outputs, labels, ref)
+
+    def time_in_turn(self, trials: list[Trial]) -> list[float]:
+        """p50 of each trial's compiled model, timed in turn in one window on the target's runtime."""
+        runners = {str(i): self.plan.backend.host_runner(t.compiled.path, self.threads)[0] for i, t in enumerate(trials)}
+        lat, _ = measure_in_turn(runners, self.ctx.evaluation.samples[0], 5, 100, 20.0, self.threads, tries=1)
+        return [lat[str(i)]["p50_ms"] for i in range(len(trials))]
 
 
 def compile_to_budget(ctx: BuildContext, plan: TargetPlan, trials: Trials,
@@ -100,9 +149,17 @@ def compile_to_budget(ctx: BuildContext, plan: TargetPlan, trials: Trials,
                         lambda deadline: rank_layers(fp32_onnx, ctx.calibration, trials.workdir / "sensitivity",
                                                      deadline=deadline),
                         settings.max_tuning_minutes, settings.max_tuning_steps,
-                        lambda msg: ctx.progress(f"tune {profile.name}: {msg}", "note", None, ""))
+                        lambda msg: ctx.progress(f"tune {profile.name}: {msg}", "note", None, ""),
+                        recipes=recovery_methods(backend, profile), time_in_turn=trials.time_in_turn)
         st.detail = result.stopped
     return result.best, tuning_record(result, ref_acc, settings.tuning_record())
+
+
+def recovery_methods(backend: Any, profile: TargetProfile) -> tuple[str, ...]:
+    """The backend's INT8 recovery methods the search tries (those after the profile's own recipe)."""
+    methods = tuple(getattr(backend, "recovery_methods", ()))
+    mine = profile.quantization.recipe
+    return methods[methods.index(mine) + 1:] if mine in methods else methods
 
 
 def fall_back(levels: tuple[str, ...], try_build: TryBuild, ref_acc: dict, target: str,
@@ -150,7 +207,10 @@ def tuning_record(result: TuningResult, ref_acc: dict, settings: dict[str, Any])
     return {
         "budget_met": best.meets_budget, "stopped": result.stopped,
         "max_minutes": settings["max_minutes"], "max_steps": settings["max_steps"],
-        "chosen": {"step": best.step, "calibration_method": best.method},
+        "chosen": {"step": best.step, "calibration_method": best.method, "recipe": best.recipe},
+        "why": _why(result),
+        "recovery_methods": [t.recipe for t in result.trials if t.step.startswith("recovery ")],
+        "finalists": result.finalists,
         "kept_in_higher_precision": [{"layer": n, "sensitivity": _finite(sens.get(n))} for n in best.kept],
         "steps": [t.to_json(ref_acc) for t in result.trials],
         "failed_steps": list(result.failed),
@@ -161,6 +221,16 @@ def tuning_record(result: TuningResult, ref_acc: dict, settings: dict[str, Any])
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
                            "error of the model output vs FP32 on calibration samples",
     }
+
+
+def _why(result: TuningResult) -> str:
+    best = result.best
+    if not best.meets_budget:
+        return "no build met the accuracy budget: the most accurate one is kept and the gate reports the miss"
+    where = "every layer in INT8" if not best.kept else f"{len(best.kept)} layer(s) kept in higher precision"
+    how = (f"the fastest of {len(result.finalists['p50_ms'])} builds that met the budget "
+           f"({result.finalists['how']})" if result.finalists else "the only build that met the budget")
+    return f"{best.step} ({where}): {how}"
 
 
 def precision_label(compiled: ModelArtifact, profile: TargetProfile) -> str:

@@ -99,15 +99,22 @@ def inspect(
         kept = ", ".join(f"{k['layer']} ({fmt(k['sensitivity'], 3)})" for k in t["kept_in_higher_precision"]) or "none"
         verdict = "[green]met[/]" if t["budget_met"] else "[red]not met[/]"
         out.print(f"accuracy budget {verdict}: {escape(t['stopped'])}; calibration "
-                  f"{t['chosen']['calibration_method']}; kept in higher precision: {escape(kept)}")
+                  f"{t['chosen']['calibration_method']}; recipe {t['chosen'].get('recipe', 'default')}; "
+                  f"kept in higher precision: {escape(kept)}")
+        if t.get("why"):
+            out.print(f"chosen: {escape(t['why'])}")
         tt = Table(title="tuning steps (accuracy on the target's runtime, host latency)")
-        for col in ("step", "calibration", "layers in float", "accuracy", "drop", "p50 ms", "meets budget"):
+        for col in ("step", "calibration", "recipe", "layers in float", "accuracy", "drop", "p50 ms", "seconds",
+                    "meets budget"):
             tt.add_column(col)
         for s in t["steps"]:
-            tt.add_row(escape(s["step"]), s["calibration_method"], str(s["kept_in_higher_precision"]),
-                       fmt(s["accuracy"], 2), fmt(s["drop_points"], 2), fmt(s["p50_ms_host"]),
-                       "yes" if s["meets_budget"] else "no")
+            scored = f" ({s['scored_on_samples']} samples)" if s.get("scored_on_samples") else ""
+            tt.add_row(escape(s["step"]), s["calibration_method"], s.get("recipe", "default"),
+                       str(s["kept_in_higher_precision"]), fmt(s["accuracy"], 2) + scored, fmt(s["drop_points"], 2),
+                       fmt(s["p50_ms_host"]), fmt(s.get("seconds"), 1), "yes" if s["meets_budget"] else "no")
         out.print(tt)
+        for f in t.get("failed_steps") or []:
+            out.print(f"[yellow]tuning step failed:[/] {escape(f['step'])}: {escape(f['error'])}")
     st = Table(title="stages")
     for col in ("stage", "seconds", "config"):
         st.add_column(col)

@@ -96,6 +96,93 @@ def quantize(src: Path, out: Path, calibration: Any, method: str, workdir: Path,
     return table
 
 
+def quantize_nncf(src: Path, out: Path, calibration: Any, workdir: Path, *, activation_type: str = "int8",
+                  symmetric_activations: bool = True, exclude: list[str] | None = None, transformer: bool = False,
+                  method: str = "minmax") -> dict[str, Any]:
+    """INT8 QDQ ONNX through NNCF's ONNX backend with its full bias correction (each layer's bias corrected
+    for the output shift quantization causes, layer by layer on the calibration data; Nagel et al. 2019)
+    and 8-bit weights on the first layer too (no 7-bit overflow fix). ``exclude`` names nodes kept in float.
+    Asymmetric uint8 activations (the ``onnx`` profile) map to NNCF's mixed preset (asymmetric activations,
+    symmetric per-channel int8 weights), symmetric ones to its performance preset. Returns what was set."""
+    try:
+        import nncf
+        import onnx
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
+                                                           QuantizationParameters)
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    except ImportError as e:
+        raise ToolchainError(f"the bias-correction recipe needs NNCF, which is not installed ({e})",
+                             hint="pip install 'edgepack[openvino]' (NNCF quantizes ONNX models too)") from e
+    if _needs_external_data(src):
+        raise ToolchainError("the bias-correction recipe does not take models over 2 GB (NNCF's ONNX backend "
+                             "loads the model into one protobuf)")
+    mixed = activation_type == "uint8" and not symmetric_activations
+    estimator = {"minmax": "MINMAX", "entropy": "HISTOGRAM", "percentile": "MEAN_QUANTILE"}[method]
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            model = nncf.quantize(
+                onnx.load(str(src)), nncf.Dataset(list(calibration)),
+                preset=nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE,
+                subset_size=len(calibration), fast_bias_correction=False,
+                model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                ignored_scope=nncf.IgnoredScope(names=list(exclude), validate=False) if exclude else None,
+                advanced_parameters=AdvancedQuantizationParameters(
+                    overflow_fix=OverflowFix.DISABLE,
+                    # per-tensor activations: ONNX Runtime runs a Conv in INT8 only with one input scale
+                    # (NNCF would give depthwise convs per-channel input scales, which run them in float)
+                    activations_quantization_params=QuantizationParameters(per_channel=False),
+                    activations_range_estimator_params=getattr(RangeEstimatorParametersSet, estimator)))
+            if activation_type == "uint8":
+                _activations_to_uint8(model)
+            onnx.save(model, str(out))
+    except Exception as e:  # noqa: BLE001 - NNCF raises its own errors and internal ones alike
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "nncf.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")
+        raise ToolchainError(f"NNCF quantization of the ONNX model failed: {e}",
+                             hint=f"its log is kept in {workdir / 'nncf.log'}") from e
+    return {"tool": "nncf.quantize (ONNX backend)", "nncf": nncf.__version__,
+            "preset": "mixed" if mixed else "performance", "fast_bias_correction": False, "overflow_fix": "disable",
+            "range_estimator": f"nncf RangeEstimatorParametersSet.{estimator}"}
+
+
+def _activations_to_uint8(model: Any) -> int:
+    """NNCF writes asymmetric activations as int8 with a zero point; the same grid in uint8 is the zero point
+    plus 128 (q + 128 for every value: exactly the same dequantized numbers). ONNX Runtime's fast x86 kernels
+    take uint8 activations (U8S8). Weights (constant inputs) stay int8. Returns how many pairs were changed."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    changed, outs = 0, set()
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[0] in inits or n.input[2] not in inits:
+            continue
+        dqs = users.get(n.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or len(d.input) < 3 for d in dqs):
+            continue
+        group = [n, *dqs]
+        zps = {d.input[2] for d in group}
+        # each zero point int8 and read by this Q/DQ group alone, so changing it changes nothing else
+        if any(z not in inits or numpy_helper.to_array(inits[z]).dtype != np.int8
+               or any(u not in group for u in users[z]) for z in zps):
+            continue
+        for z in zps:
+            shifted = (numpy_helper.to_array(inits[z]).astype(np.int16) + 128).astype(np.uint8)
+            inits[z].CopyFrom(numpy_helper.from_array(shifted, z))
+        outs.add(n.output[0])
+        changed += 1
+    for vi in model.graph.value_info:  # the quantized tensors' declared type follows
+        if vi.name in outs:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    return changed
+
+
 def _ort_method(q: Any, method: str) -> Any:
     return {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
             "percentile": q.CalibrationMethod.Percentile}[method]

@@ -1,0 +1,145 @@
+"""INT8 recovery before float fallback: the accuracy search tries the backend's recovery methods (bias
+correction...) with every layer in INT8 before it keeps any layer in float; among builds that meet the
+budget the fastest wins; trials are scored on a subset first and cached by the compiled model's digest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgepack.errors import ToolchainError
+from edgepack.tuning import Trial, pick, search
+from tests.backends.contract import samples, tiny_onnx
+
+
+def _trial(step, method, kept, acc, p50=1.0, recipe="default", budget=90.0):
+    return Trial(step, method, list(kept), None, {"value": acc}, [], p50, 0.1, acc >= budget, recipe)
+
+
+def test_a_recovery_method_that_meets_the_budget_keeps_every_layer_in_int8():
+    calls: list[tuple] = []
+
+    def try_build(step, method, kept, recipe="default"):
+        calls.append((step, method, tuple(kept), recipe))
+        acc = {"default": 80.0 if method == "minmax" else 82.0, "bias-correction": 91.0}[recipe]
+        return _trial(step, method, kept, acc, recipe=recipe)
+
+    def rank(deadline):
+        raise AssertionError("no layer is ranked when a recovery method meets the budget")
+
+    result = search(_trial("plain int8", "minmax", [], 80.0), ["minmax", "entropy"], try_build, rank, 1.0, 6,
+                    lambda _: None, recipes=("bias-correction",))
+    # the recovery method starts from the most accurate calibration method
+    assert calls == [("calibration entropy", "entropy", (), "default"),
+                     ("recovery bias-correction", "entropy", (), "bias-correction")]
+    assert result.best.recipe == "bias-correction" and result.best.kept == []
+    assert "every layer in INT8" in result.stopped
+
+
+def test_float_fallback_starts_from_the_most_accurate_recovery_and_failures_are_recorded():
+    calls: list[tuple] = []
+
+    def try_build(step, method, kept, recipe="default"):
+        calls.append((step, tuple(kept), recipe))
+        if recipe == "learned-rounding":
+            raise ToolchainError("toolchain 'quark' is not installed")
+        base = {"default": 80.0, "bias-correction": 86.0}[recipe]
+        return _trial(step, method, kept, base + 5.0 * len(kept), recipe=recipe)
+
+    result = search(_trial("plain int8", "minmax", [], 80.0), ["minmax"], try_build,
+                    lambda deadline: [("a", 1.0), ("b", 0.5), ("c", 0.1)], 1.0, 8, lambda _: None,
+                    recipes=("bias-correction", "learned-rounding"))
+    keeps = [c for c in calls if c[0].startswith("keep ")]
+    assert keeps and all(c[2] == "bias-correction" for c in keeps)
+    assert result.best.kept == ["a"] and result.best.recipe == "bias-correction" and result.best.meets_budget
+    assert result.failed == [{"step": "recovery learned-rounding", "error": "toolchain 'quark' is not installed"}]
+
+
+def test_the_fastest_build_that_meets_the_budget_wins_and_near_ties_go_to_fewer_float_layers():
+    slow_float = _trial("keep 1 in float", "minmax", ["a"], 92.0, p50=10.0)
+    int8 = _trial("recovery bias-correction", "minmax", [], 90.5, p50=8.0, recipe="bias-correction")
+    miss = _trial("plain int8", "minmax", [], 80.0, p50=7.0)
+    best, record = pick([miss, slow_float, int8])
+    assert best is int8 and record["chosen"] == int8.step and record["how"] == "each build's own host p50"
+    # timed in one window: a float layer that costs nothing measurable is a tie, which fewer float layers win
+    best, record = pick([miss, slow_float, int8], lambda ts: [8.1 if t.kept else 8.0 for t in ts])
+    assert best is int8 and record["how"] == "timed in turn in one window"
+    best, _ = pick([miss, slow_float, int8], lambda ts: [5.0 if t.kept else 8.0 for t in ts])
+    assert best is slow_float
+    best, record = pick([miss])  # none meets: the most accurate, no timing
+    assert best is miss and record is None
+
+
+class _Runner:
+    def __init__(self, bias: float):
+        self.calls, self.bias = 0, bias
+
+    def run(self, feeds):
+        self.calls += 1
+        x = feeds["x"].reshape(-1)[:5].astype(np.float64)
+        return [x + self.bias * np.sign(x[::-1])]
+
+
+def _trials(n: int, budget_points: float):
+    from edgepack.build.search import Trials
+
+    data = samples(n)
+    ref = [[s["x"].reshape(-1)[:5].astype(np.float64)] for s in data]
+    ctx = SimpleNamespace(evaluation=data, metric_plan="fidelity")
+    t = Trials(ctx, None, None, SimpleNamespace(outputs=ref), Path("."), 1, lambda e, w: e,
+               lambda value: 100.0 - value <= budget_points)
+    return t, ref
+
+
+def test_trials_score_a_subset_first_and_the_whole_set_only_for_finalists():
+    t, _ = _trials(400, budget_points=1.0)
+    t.subset = 100
+    far = _Runner(bias=10.0)  # flips the top-1 of nearly every sample: a clear miss on the subset
+    outputs, score, scored_on = t.evaluate(far, "digest-far")
+    assert far.calls == 100 and scored_on == 100 and len(outputs) == 100 and score["samples"] == 100
+    close = _Runner(bias=0.0)  # identical to FP32: meets the budget, so the rest of the set runs too
+    outputs, score, scored_on = t.evaluate(close, "digest-close")
+    assert close.calls == 400 and scored_on is None and len(outputs) == 400 and score["value"] == 100.0
+    again = _Runner(bias=0.0)  # the same compiled model (digest) again: its outputs come from the cache
+    outputs, score, scored_on = t.evaluate(again, "digest-close")
+    assert again.calls == 0 and len(outputs) == 400 and score["value"] == 100.0
+
+
+def test_without_a_budget_every_trial_scores_the_whole_set():
+    t, _ = _trials(150, budget_points=1.0)
+    t.budget = None
+    r = _Runner(bias=10.0)
+    _, score, scored_on = t.evaluate(r, "d")
+    assert r.calls == 150 and scored_on is None and score["samples"] == 150
+
+
+@pytest.mark.parametrize("backend_name", ["onnxruntime", "openvino"])
+def test_the_bias_correction_recipe_compiles_a_working_int8_model(backend_name, tmp_path):
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    backend = get_backend(backend_name)
+    profile = load_target("onnx" if backend_name == "onnxruntime" else "cpu")
+    assert "bias-correction" in backend.recovery_methods
+    art = tiny_onnx(tmp_path / "m")
+    data = samples(16)
+    variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(
+        update={"recipe": "bias-correction"})})
+    options = backend.Options(**profile.backend_options)
+    compiled = backend.compile(art, variant, options, data, tmp_path / "out")
+    cfg = compiled.lineage[-1].config
+    assert cfg["recipe"] == "bias-correction" and cfg["fast_bias_correction"] is False
+    assert cfg["overflow_fix"] == "disable"
+    runner = backend.load(compiled.path, 1)
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    for s in list(data)[:4]:
+        got, want = runner.run(s)[0], ref.run(None, s)[0]
+        assert np.abs(got - want).max() <= 0.25 * (np.abs(want).max() + 1e-6)
+    with pytest.raises(ToolchainError, match="no INT8 recipe 'no-such'"):
+        bad = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"recipe": "no-such"})})
+        backend.compile(art, bad, options, data, tmp_path / "bad")
