@@ -37,8 +37,8 @@ def default_workers(n_targets: int) -> int:
     return max(1, min(n_targets, (os.cpu_count() or 1) // 2 or 1))
 
 
-def groups_of(targets: list[str], workers: int) -> list[list[str]]:
-    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(targets))))]
+def groups_of(targets: list[Any], workers: int) -> list[list[Any]]:
+    groups: list[list[Any]] = [[] for _ in range(max(1, min(workers, len(targets))))]
     for i, t in enumerate(targets):
         groups[i % len(groups)].append(t)
     return [g for g in groups if g]

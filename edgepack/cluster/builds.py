@@ -1,5 +1,6 @@
-"""Target builds as Ray tasks: one task per (project, target), the same :func:`edgepack.build.build`
-that runs locally, on whichever node Ray picks.
+"""Target builds as Ray tasks, each the same :func:`edgepack.build.build` that runs locally, on whichever
+node Ray picks: a project's targets in as many tasks as the cluster runs at once (:func:`plan_jobs`), so
+one target per task on a cluster with room for all of them.
 
 - The project goes to the cluster once per run (:mod:`edgepack.cluster.ship`, one object in Ray's
   object store); each task unpacks it into a temporary folder it removes at its end.
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgepack.build.parallel import BuildEvent, BuildOutcome
+from edgepack.build.parallel import BuildEvent, BuildOutcome, groups_of
 from edgepack.cluster.connect import connect, nodes
 from edgepack.cluster.ship import Payload, pack
 
@@ -34,24 +35,25 @@ MAX_RETRIES = 2  # a task whose worker or node died is run again, at most this o
 
 @dataclass(frozen=True)
 class Job:
-    """One task: a target of a project (``key`` tells the caller which)."""
+    """One task: targets of one project built together (sharing its export, data and FP32 reference, as
+    a local build's group does); ``keys`` tell the caller which row each is."""
 
-    key: Any
+    keys: tuple[Any, ...]
     payload: int        # index into the run's payloads
-    spec: str
+    specs: tuple[str, ...]
     threads: int
     label: str
 
 
-def build_task(payload: Payload, data: bytes, spec: str, threads: int, settings: dict[str, Any], events: Any,
-               label: str) -> dict[str, Any]:
-    """Runs on a worker: unpack the project, build one target into a temporary folder, return the bundle's bytes."""
+def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: int, settings: dict[str, Any],
+               events: Any, label: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """Runs on a worker: unpack the project, build its targets (one, or a list: one result each) into a
+    temporary folder, return the bundles' bytes."""
     import socket
     import tempfile
 
     import ray
 
-    from edgepack.build.context import TargetFailure
     from edgepack.build.pipeline import build
     from edgepack.cluster.ranking import ray_layer_map
     from edgepack.cluster.ship import unpack
@@ -72,31 +74,52 @@ def build_task(payload: Payload, data: bytes, spec: str, threads: int, settings:
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-task-") as tmp:
             root = unpack(data, Path(tmp) / "in")
-            spec_here = str(root / payload.specs[spec]) if spec in payload.specs else spec
+            specs = [spec] if isinstance(spec, str) else list(spec)
+            here = [str(root / payload.specs[t]) if t in payload.specs else t for t in specs]
             try:
-                outcomes = build(root / payload.project_file, [spec_here], Path(tmp) / "out", threads, progress,
+                outcomes = build(root / payload.project_file, here, Path(tmp) / "out", threads, progress,
                                  [root / d for d in payload.targets_dirs], keep_going=True, **settings)
             except EdgepackError as e:
-                return {"error": e.message, "hint": e.hint, "error_type": type(e).__name__,
-                        "exit_code": e.exit_code, "where": where}
+                failed = {"error": e.message, "hint": e.hint, "error_type": type(e).__name__,
+                          "exit_code": e.exit_code, "where": where}
+                outcomes = [failed] * len(specs)
             except Exception as e:  # noqa: BLE001 - a step every target shares failed
-                return {"error": f"{type(e).__name__}: {e}", "hint": "rerun without --cluster, with --debug, for the "
-                        "traceback", "error_type": type(e).__name__, "exit_code": 1, "where": where}
-            o = outcomes[0]
-            if isinstance(o, TargetFailure):
-                return {"target": o.target, "error": o.error, "hint": o.hint, "error_type": o.error_type,
-                        "exit_code": o.exit_code, "where": where}
-            side = o.bundle.with_name(o.bundle.name + ".validation")  # --separate-validation's file
-            return {"target": o.target, "name": o.bundle.name, "bundle": o.bundle.read_bytes(), "where": where,
-                    "validation": side.read_bytes() if side.is_file() else None}
+                outcomes = [{"error": f"{type(e).__name__}: {e}", "hint": "rerun without --cluster, with --debug, for "
+                             "the traceback", "error_type": type(e).__name__, "exit_code": 1, "where": where}] * len(specs)
+            found = [_result(o, where) for o in outcomes]
+            return found[0] if isinstance(spec, str) else found
     finally:
         layer_map.reset(token)
 
 
-def reservations(ray: Any, profiles_threads: Iterable[int], threads: int | None) -> list[int]:
-    """CPUs per task: the build's measurement threads, at most the largest node's CPUs (else it never runs)."""
-    biggest = max((int(n["cpus"]) for n in nodes(ray)), default=1) or 1
-    return [max(1, min(threads or t, biggest)) for t in profiles_threads]
+def _result(o: Any, where: dict[str, Any]) -> dict[str, Any]:
+    from edgepack.build.context import TargetFailure
+
+    if isinstance(o, dict):
+        return o
+    if isinstance(o, TargetFailure):
+        return {"target": o.target, "error": o.error, "hint": o.hint, "error_type": o.error_type,
+                "exit_code": o.exit_code, "where": where}
+    side = o.bundle.with_name(o.bundle.name + ".validation")  # --separate-validation's file
+    return {"target": o.target, "name": o.bundle.name, "bundle": o.bundle.read_bytes(), "where": where,
+            "validation": side.read_bytes() if side.is_file() else None}
+
+
+def plan_jobs(ray: Any, items: list[tuple[Any, int, str, int, str]], threads: int | None) -> list[Job]:
+    """Tasks for ``items`` = (key, payload, target spec, measurement threads, name). Each task reserves its
+    builds' threads (at most the largest node's CPUs, else it would never run). A project's targets are
+    split into as many tasks as the cluster runs at once (every node's CPUs // those threads), so on a
+    small cluster targets share their export, data and FP32 reference as a local build's group does, and
+    on a large one each target is a task of its own."""
+    cpus = [int(n["cpus"]) for n in nodes(ray)] or [1]
+    need = [max(1, min(threads or it[3], max(cpus) or 1)) for it in items]
+    slots = max(1, sum(c // max(need, default=1) for c in cpus))
+    jobs = []
+    for p in sorted({it[1] for it in items}):
+        for g in groups_of([k for k, it in enumerate(items) if it[1] == p], slots):
+            jobs.append(Job(tuple(items[k][0] for k in g), p, tuple(items[k][2] for k in g), max(need[k] for k in g),
+                            ", ".join(items[k][4] for k in g)))
+    return jobs
 
 
 def write_atomically(out: Path, name: str, data: bytes) -> Path:
@@ -110,25 +133,25 @@ def write_atomically(out: Path, name: str, data: bytes) -> Path:
     return final
 
 
-def run_jobs(address: str, payloads: list[Payload], jobs: list[Job], outs: list[Path], settings: dict[str, Any],
-             on_event: Callable[[BuildEvent], None] | None = None,
-             on_result: Callable[[Job, dict[str, Any]], None] | None = None) -> list[tuple[Job, BuildOutcome]]:
-    """Run ``jobs`` as Ray tasks; each payload is put in the object store once. Returns one outcome
-    per job, its bundle written into ``outs[job.payload]``."""
+def run_jobs(address: str, payloads: list[Payload | None], jobs: list[Job], outs: list[Path], settings: dict[str, Any],
+             on_event: Callable[[BuildEvent], None] | None = None) -> list[tuple[Any, BuildOutcome]]:
+    """Run ``jobs`` as Ray tasks; each payload is put in the object store once. Returns (key, outcome)
+    per target, its bundle written into ``outs[job.payload]``."""
     ray = connect(address)
     from ray.util.queue import Queue
 
-    refs_data = [ray.put(p.data) for p in payloads]  # once per run; tasks get the bytes, not a copy each
-    slim = [replace(p, data=b"") for p in payloads]
+    used = {job.payload for job in jobs}  # each project once per run; tasks get the bytes, not a copy each
+    refs_data = {i: ray.put(payloads[i].data) for i in used}
+    slim = {i: replace(payloads[i], data=b"") for i in used}
     events = Queue(actor_options={"num_cpus": 0})
     task = ray.remote(build_task)
     pending: dict[Any, Job] = {}
-    found: list[tuple[Job, BuildOutcome]] = []
+    found: list[tuple[Any, BuildOutcome]] = []
     try:
         for job in jobs:
             ref = task.options(num_cpus=job.threads, max_retries=MAX_RETRIES, retry_exceptions=False,
                                scheduling_strategy="SPREAD").remote(
-                slim[job.payload], refs_data[job.payload], job.spec, job.threads, settings, events, job.label)
+                slim[job.payload], refs_data[job.payload], list(job.specs), job.threads, settings, events, job.label)
             pending[ref] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
@@ -136,14 +159,14 @@ def run_jobs(address: str, payloads: list[Payload], jobs: list[Job], outs: list[
             for ref in done:
                 job = pending.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    results = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - retries spent: the worker or node kept dying
-                    result = {"error": f"the cluster task failed after {MAX_RETRIES} retries: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}", "hint": "see `ray status` and the "
-                              "Ray logs of the node; rerun without --cluster to build here", "error_type": type(e).__name__}
-                if on_result:
-                    on_result(job, result)
-                found.append((job, _outcome(job, result, outs[job.payload])))
+                    results = [{"error": f"the cluster task failed after {MAX_RETRIES} retries: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}", "hint": "see `ray status` and the "
+                                "Ray logs of the node; rerun without --cluster to build here",
+                                "error_type": type(e).__name__}] * len(job.specs)
+                for key, spec, result in zip(job.keys, job.specs, results):
+                    found.append((key, _outcome(spec, result, outs[job.payload])))
         _drain(events, on_event)
     except BaseException:
         for ref in pending:  # Ctrl-C or an error here: nothing keeps running on the cluster
@@ -154,10 +177,10 @@ def run_jobs(address: str, payloads: list[Payload], jobs: list[Job], outs: list[
     return found
 
 
-def _outcome(job: Job, result: dict[str, Any], out: Path) -> BuildOutcome:
+def _outcome(spec: str, result: dict[str, Any], out: Path) -> BuildOutcome:
     where = result.get("where")
     if result.get("bundle") is None:
-        return BuildOutcome(result.get("target") or job.spec, None, result.get("error") or "build failed",
+        return BuildOutcome(result.get("target") or spec, None, result.get("error") or "build failed",
                             result.get("hint"), result.get("error_type"), where=where,
                             exit_code=result.get("exit_code", 1))
     if result.get("validation") is not None:
@@ -179,23 +202,11 @@ def _drain(events: Any, on_event: Callable[[BuildEvent], None] | None) -> None:
                 on_event(tuple(e))
 
 
-def cluster_builds(address: str, project_file: Path, targets: list[str], out: Path, targets_dirs: list[Path],
-                   threads_of: list[int], settings: dict[str, Any] | None = None,
-                   on_event: Callable[[BuildEvent], None] | None = None) -> list[BuildOutcome]:
-    """One project's targets on the cluster: what :func:`edgepack.build.parallel.run_builds` does locally."""
-    ray = connect(address)
-    payload = pack(project_file, targets_dirs, out, targets)
-    cpus = reservations(ray, threads_of, (settings or {}).get("threads"))
-    jobs = [Job(t, 0, t, c, t) for t, c in zip(targets, cpus)]
-    rest = {k: v for k, v in (settings or {}).items() if k != "threads"}
-    return [o for _, o in run_jobs(address, [payload], jobs, [out], rest, on_event)]
-
-
 def build_on_cluster(address: str, project_path: Path | None, targets: list[str], out: Path | None = None,
                      threads: int | None = None, progress: Callable[[str, str, float | None, str], None] | None = None,
                      targets_dirs: list[Path] | None = None, tune: bool = True, max_tuning_minutes: float = 10.0,
                      prune: dict[str, Any] | None = None, separate_validation: bool = False) -> list[Any]:
-    """``edgepack build --cluster``: each target a task; returns :class:`BuildResult` per target, like
+    """``edgepack build --cluster``: the targets as tasks (:func:`plan_jobs`); returns :class:`BuildResult` per target, like
     :func:`edgepack.build.build`. A target that failed raises its error (with its exit code) after
     every other target's bundle was written."""
     from edgepack.build.context import BuildResult
@@ -213,8 +224,7 @@ def build_on_cluster(address: str, project_path: Path | None, targets: list[str]
     out = check_out_dir(Path(out) if out else project.root / "dist")
     ray = connect(address)
     dirs = list(targets_dirs or [])
-    cpus = reservations(ray, [p.measurement.threads for p in profiles], threads)
-    jobs = [Job(t, 0, t, c, p.name) for t, p, c in zip(targets, profiles, cpus)]
+    jobs = plan_jobs(ray, [(t, 0, t, p.measurement.threads, p.name) for t, p in zip(targets, profiles)], threads)
 
     def on_event(e: BuildEvent) -> None:
         label, stage, status, seconds, detail = e
@@ -229,5 +239,5 @@ def build_on_cluster(address: str, project_path: Path | None, targets: list[str]
         e = EdgepackError(f"{failed[0].target}: {failed[0].error}", failed[0].hint)
         e.exit_code = failed[0].exit_code
         raise e
-    by_spec = {job.spec: o for job, o in found}
+    by_spec = dict(found)
     return [BuildResult(by_spec[t].target, by_spec[t].bundle, read_archive(by_spec[t].bundle, None)) for t in targets]

@@ -174,20 +174,21 @@ def _build_here(prep: Prepared, targets_dirs: list[Path], workers: int | None, p
 def _build_on_cluster(preps: list[Prepared], targets_dirs: list[Path], cluster: str, progress: CompareProgress,
                       on_build_event: Callable[[Any], None] | None) -> None:
     """Every project x target pair left to build, as one set of Ray tasks."""
-    from edgepack.cluster.builds import Job, reservations, run_jobs
+    from edgepack.cluster.builds import plan_jobs, run_jobs
     from edgepack.cluster.connect import connect
     from edgepack.cluster.ship import pack
 
     ray = connect(cluster)
-    pairs = [(i, plan) for i, prep in enumerate(preps) for plan in prep.to_build]
-    progress("build", "start", f"{len(pairs)} build(s) on the Ray cluster at {cluster}")
-    payloads = [pack(prep.project_file, targets_dirs, prep.out, [p.spec for p in prep.to_build]) for prep in preps]
-    cpus = reservations(ray, [plan.profile.measurement.threads for _, plan in pairs], None)
-    label = (lambda i, plan: f"{preps[i].resolved.project.name}/{plan.profile.name}") if len(preps) > 1 else \
-        (lambda i, plan: plan.profile.name)
-    jobs = [Job(plan, i, plan.spec, c, label(i, plan)) for (i, plan), c in zip(pairs, cpus)]
-    for job, o in run_jobs(cluster, payloads, jobs, [p.out for p in preps], {}, on_build_event):
-        _settle(job.key, o, progress)
+    many = len(preps) > 1
+    items = [(plan, i, plan.spec, plan.profile.measurement.threads,
+              f"{prep.resolved.project.name}/{plan.profile.name}" if many else plan.profile.name)
+             for i, prep in enumerate(preps) for plan in prep.to_build]
+    jobs = plan_jobs(ray, items, None)
+    progress("build", "start", f"{len(items)} build(s) in {len(jobs)} task(s) on the Ray cluster at {cluster}")
+    payloads = [pack(prep.project_file, targets_dirs, prep.out, [p.spec for p in prep.to_build]) if prep.to_build
+                else None for prep in preps]
+    for plan, o in run_jobs(cluster, payloads, jobs, [p.out for p in preps], {}, on_build_event):
+        _settle(plan, o, progress)
     progress("build", "done", "")
 
 
