@@ -224,3 +224,15 @@ def test_sensitivity_stops_at_its_time_budget():
     calls = []
     out = ps.sensitivity(m, SPECS, ["10"], "l1", lambda mod: calls.append(1) or 0.0, budget_s=0.0)
     assert len(out) <= 1 and np.isfinite(len(calls))
+
+
+def test_the_next_round_aims_along_the_greedy_path_at_the_measured_goal():
+    from edgepack.build.prune_latency import TOLERANCE, next_goal
+
+    # overshot (predicted 0.5, measured 0.128): aim between it and the unpruned point
+    nxt = next_goal(0.5, [(1.0, 1.0), (0.5, 0.128)])
+    assert 0.5 < nxt < 1.0
+    assert 1.0 - (1.0 - nxt) * (1 - 0.128) / 0.5 == pytest.approx(0.5 - TOLERANCE / 2)
+    # fell short (predicted 0.7, measured 0.8): aim lower than the prediction that fell short
+    assert next_goal(0.7, [(1.0, 1.0), (0.7, 0.8)]) < 0.7
+    assert next_goal(0.7, [(1.0, 1.0)]) is None

@@ -36,6 +36,7 @@ from edgepack.stages import prune_search as ps
 from edgepack.target import TargetProfile
 
 MAX_ROUNDS = 4
+TOLERANCE = 0.03   # a measured ratio this far under the goal is close enough: no further round
 # The accuracy budget bounds the search: the summed sensitivity (points lost before any recovery) may
 # reach this many times acceptance.max_accuracy_drop. A heuristic from the example (three epochs of
 # recovery): a summed sensitivity of about 9.5 came back to within 0.6 points, one of 23 lost 2.9.
@@ -183,6 +184,25 @@ def _cost_fn(ctx: BuildContext, module: Any) -> tuple[Any, dict[str, Any]]:
                          "of the metric lost plus 10x the logits' relative squared error"}
 
 
+def next_goal(goal: float, points: list[tuple[float, float]]) -> float | None:
+    """The predicted ratio to aim at next, from the (predicted, measured) pairs so far: interpolated
+    between the two that bracket the goal, else extrapolated from the two nearest it (secant); the
+    greedy walks the same path whatever the goal, so this searches along it for the measured goal."""
+    below = [p for p in points if p[1] <= goal]
+    above = [p for p in points if p[1] > goal]
+    if below and above:
+        lo, hi = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+    else:
+        near = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
+        if len(near) < 2:
+            return None
+        lo, hi = near
+    if abs(hi[1] - lo[1]) < 1e-6:
+        return None
+    aim = goal - TOLERANCE / 2
+    return float(min(0.999, max(0.01, lo[0] + (aim - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1]))))
+
+
 def _pinned(groups: list[ps.Group], layers: dict[str, float]) -> dict[str, int]:
     roots = {g.root: g for g in groups}
     bad = [n for n in layers if n not in roots]
@@ -222,44 +242,49 @@ def search(ctx: BuildContext, module: Any, specs: list, names: list[str], profil
     # the search works in the table's own scale (profiled in another window than the one timed now):
     # a goal is a share of the table's unpruned prediction
     table_full = table.predict(full)
-    goal_pred = goal_ratio * table_full
     budget = ctx.project.acceptance.max_accuracy_drop
     max_cost = RECOVERABLE * budget if budget is not None else None
     curve: list[dict[str, Any]] = [{"round": 0, "layers": {}, "predicted_ratio": 1.0, "measured_ratio": 1.0 if measured else None,
                                     "fp32_accuracy": None, "macs_removed": 0.0}]
-    alloc, best, start = None, None, None
     ev = ctx.evaluation
     ev_x, ev_y = ev.stacked(), ev.labels
     ref_logits = pr.evaluate(module, ev_x, ev_y, None)["logits"]
+    tried: list[tuple[float, float, Any, dict, dict, Any]] = []   # (predicted, measured, module, record, point, alloc)
+    pred_goal = goal_ratio
     for rnd in range(1, MAX_ROUNDS + 1):
         with Stage(ctx.progress, f"latency search round {rnd} (goal {goal_ratio:.2f}x)") as st:
-            alloc = ps.allocate(groups, s.shapes, table, sens, goal_pred, start, pinned, cfg.round_to,
+            alloc = ps.allocate(groups, s.shapes, table, sens, pred_goal * table_full, None, pinned, cfg.round_to,
                                 max_cost=max_cost)
-            layers = {**ps.layer_ratios(groups, alloc.keep)}
-            pruned, record = pr.structured(module, specs, cfg.importance, ignore, None, None, None, layers or None,
-                                           cfg.round_to) if layers else (module, None)
-            if record is None:
+            layers = ps.layer_ratios(groups, alloc.keep)
+            if not layers:
                 raise ConfigError(f"prune: the latency goal {goal_ratio:.2f}x is met unpruned", hint="lower the goal")
+            pruned, record = pr.structured(module, specs, cfg.importance, ignore, None, None, None, layers, cfg.round_to)
             acc = pr.evaluate(pruned, ev_x, ev_y, ref_logits)["value"]
-            point = {"round": rnd, "layers": layers, "predicted_ratio": round(alloc.predicted_ms / table_full, 4),
+            predicted = alloc.predicted_ms / table_full
+            point = {"round": rnd, "layers": layers, "predicted_ratio": round(predicted, 4),
                      "fp32_accuracy": acc, "macs_removed": record["macs_removed"]}
             if measured:
                 _, comp = s.compiled(pruned, f"round-{rnd}")
                 timed = s.in_turn(unpruned, comp)
                 point.update(measured_ratio=timed["ratio"], unpruned_p50_ms=timed["unpruned_p50_ms"],
-                             pruned_p50_ms=timed["pruned_p50_ms"], noisy=timed["noisy"])
+                             pruned_p50_ms=timed["pruned_p50_ms"], noisy=bool(timed["noisy"]))
             curve.append(point)
-            best = (pruned, record, point)
-            ratio = point.get("measured_ratio", point["predicted_ratio"])
+            ratio = point.get("measured_ratio", predicted)
+            tried.append((predicted, ratio, pruned, record, point, alloc))
             st.detail = (f"{'measured' if measured else 'estimated'} {ratio:.3f}x, fp32 {acc:.2f}, "
                          f"{record['macs_removed']:.0%} of MACs removed")
-            point["noisy"] = bool(point.get("noisy", False))
-            if not measured or ratio <= goal_ratio or alloc.predicted_ms > goal_pred * 1.0001:
-                break  # reached, estimated (nothing to check), or the greedy could not go further
-            goal_pred -= (ratio - goal_ratio + 0.01) * table_full
-            start = alloc.keep
-    pruned, record, point = best
-    reached = point.get("measured_ratio", point["predicted_ratio"]) <= goal_ratio
+            if not measured or goal_ratio - TOLERANCE <= ratio <= goal_ratio:
+                break  # reached closely, or estimated (nothing to check)
+            if ratio > goal_ratio and predicted > pred_goal + 1e-4:
+                break  # short of the goal, and the greedy could not go further (widths or the accuracy cap)
+            nxt = next_goal(goal_ratio, [(1.0, 1.0)] + [(t[0], t[1]) for t in tried])
+            if nxt is None or any(abs(nxt - t[0]) < 0.005 for t in tried):
+                break
+            pred_goal = nxt
+    # the least pruned allocation that reached the goal; else the fastest one
+    ok = [t for t in tried if t[1] <= goal_ratio]
+    _, _, pruned, record, point, alloc = max(ok, key=lambda t: t[1]) if ok else min(tried, key=lambda t: t[1])
+    reached = bool(ok)
     if not reached:
         ctx.warn(f"{profile.name}: prune.target_latency {goal_ratio:.2f}x not reached: "
                  f"{point.get('measured_ratio', point['predicted_ratio']):.3f}x after {len(curve) - 1} rounds "
@@ -281,8 +306,10 @@ def search(ctx: BuildContext, module: Any, specs: list, names: list[str], profil
                          **({"group": p["group"], "keep": p["keep"]} if "group" in p else {})}
                         for p in alloc.path[:: max(1, len(alloc.path) // 30)]],
         "how": "greedy over the latency table: each step removes the channels that save the most predicted time "
-               "per unit of accuracy cost; each round's allocation pruned, compiled and timed in turn with the "
-               "unpruned model; short of the goal, the shortfall is taken off the predicted goal"}
+               "per unit of accuracy cost, until the predicted goal; each round's allocation pruned, compiled and "
+               "timed in turn with the unpruned model; the next round's predicted goal is interpolated (secant) "
+               "from the measured ones, until one lands within "
+               f"{TOLERANCE} under the goal; the least pruned allocation that reached the goal is kept"}
     record["latency_search"]["layers_block"] = write_layers_block(ctx, profile, chosen, ignore)
     return pruned, record
 
