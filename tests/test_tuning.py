@@ -69,7 +69,7 @@ def test_plain_int8_misses_and_tuning_recovers_the_budget(tuned, target):
 def test_onnx_runtime_recovers_by_entropy_calibration(tuned):
     """Entropy calibration clips the x1000 outlier channel: the method step alone meets the budget."""
     t = tuned["onnx"].manifest.tuning
-    assert t["chosen"] == {"step": "calibration entropy", "calibration_method": "entropy"}
+    assert t["chosen"] == {"step": "calibration entropy", "calibration_method": "entropy", "recipe": "default"}
     assert t["kept_in_higher_precision"] == []
 
 

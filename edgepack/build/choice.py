@@ -87,7 +87,8 @@ def choose(ctx: BuildContext, plan: TargetPlan, trials: Trials, int8: Trial, int
     ref_acc = trials.ref.accuracy
     rows = [{"candidate": n, "precision": a.precision, "accuracy": t.accuracy["value"],
              "drop_points": round(drop(ref_acc, t.accuracy), 3), "meets_budget": t.meets_budget,
-             "p50_ms": lat[n]["p50_ms"], "p90_ms": lat[n]["p90_ms"], "size_bytes": a.size_bytes}
+             "p50_ms": lat[n]["p50_ms"], "p90_ms": lat[n]["p90_ms"], "size_bytes": a.size_bytes,
+             **({"scored_on_samples": t.scored_on} if t.scored_on else {})}
             for n, (t, a) in found.items()]
     pick, runner_up, why = _pick(rows, profile.objective)
     return found[pick][0], {

@@ -135,6 +135,8 @@ def compile_to_budget(ctx: BuildContext, plan: TargetPlan, trials: Trials,
     int8_tuned = profile.precision == "int8" and settings.tune
     ladder = backend.fallback_levels if int8_tuned and getattr(plan.options, "level", None) is None else ()
     tuning = None
+    if not int8_tuned:  # no search: the build is scored once, on the whole set (the measure stage reuses it)
+        trials.subset = None
     with Stage(ctx.progress, f"compile {profile.name} ({backend.name} {profile.precision})") as st:
         if ladder:
             plain, tuning = fall_back(ladder, trials, ref_acc, profile.name, ctx.progress)
