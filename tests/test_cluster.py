@@ -204,3 +204,25 @@ def test_ctrl_c_cancels_the_cluster_build_and_leaves_no_bundle(cluster, trained_
     rest = proc.stderr.read()
     assert proc.wait() == 130, "".join(seen) + rest
     assert list(out.iterdir()) == []
+
+
+def _rank_inside_a_task(path: str, workdir: str) -> list:
+    """What a build task does: the cluster's map set for the build, rank_layers called as the search calls it."""
+    from edgepack.cluster.ranking import ray_layer_map
+    from edgepack.tuning import layer_map, rank_layers
+
+    layer_map.set(ray_layer_map)
+    return rank_layers(Path(path), samples(16), Path(workdir))
+
+
+def test_a_build_task_ranks_its_layers_as_tasks_with_the_serial_result(cluster, tmp_path):
+    import ray
+
+    from edgepack.cluster.connect import connect
+    from edgepack.tuning import rank_layers
+
+    art = tiny_onnx(tmp_path / "m")
+    serial = rank_layers(art.path, samples(16), tmp_path / "serial")
+    connect(cluster)
+    nested = ray.get(ray.remote(_rank_inside_a_task).options(num_cpus=1).remote(str(art.path), str(tmp_path / "in")))
+    assert [n for n, _ in nested] == [n for n, _ in serial]
