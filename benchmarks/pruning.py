@@ -112,7 +112,8 @@ def main() -> None:
                 f = EXAMPLE / f".bench-prune-{alloc}-{int(goal * 100)}.yaml"
                 f.write_text(yaml.safe_dump(cfg))
                 try:
-                    print(f"[example] {alloc} target_macs {goal} ...", file=sys.stderr, flush=True)
+                    print(f"[example] {alloc} {'target_latency' if alloc == 'automatic' else 'target_macs'} {goal} ...",
+                          file=sys.stderr, flush=True)
                     rows.append(row(f"fashion-cnn, {alloc}" + (f" (goal {goal}x)" if alloc == "automatic" else ""),
                                     run(f, args.target, tmp / f.stem)))
                 finally:
@@ -141,7 +142,7 @@ def main() -> None:
                 cfg = yaml.safe_load(RESNET_PROJECT)
                 cfg["prune"] = {"method": "structured", kind: amount}
                 if kind == "target_latency":  # recovery: one epoch of distillation on the calibration images
-                    cfg["prune"]["finetune"] = {"epochs": 1, "lr": 0.0001, "batch_size": 16}
+                    cfg["prune"]["finetune"] = {"epochs": 1}  # as --prune-finetune-epochs 1
                 f = proj / f"prune-{kind}-{int(amount * 100)}.yaml"
                 f.write_text(yaml.safe_dump(cfg))
                 print(f"[resnet] {kind} {amount} ...", file=sys.stderr, flush=True)
