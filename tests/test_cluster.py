@@ -226,3 +226,39 @@ def test_a_build_task_ranks_its_layers_as_tasks_with_the_serial_result(cluster, 
     connect(cluster)
     nested = ray.get(ray.remote(_rank_inside_a_task).options(num_cpus=1).remote(str(art.path), str(tmp_path / "in")))
     assert [n for n, _ in nested] == [n for n, _ in serial]
+
+
+def test_targets_are_grouped_into_as_many_tasks_as_the_cluster_runs_at_once():
+    from types import SimpleNamespace
+
+    from edgepack.cluster.builds import plan_jobs
+
+    def fake(*cpus):
+        return SimpleNamespace(nodes=lambda: [{"NodeID": str(i), "Alive": True, "Resources": {"CPU": c}}
+                                              for i, c in enumerate(cpus)])
+
+    items = [(t, 0, t, 2, t) for t in ("cpu", "onnx", "android-arm64", "rpi5")]
+    one = plan_jobs(fake(2), items, None)
+    assert [(j.specs, j.threads) for j in one] == [(("cpu", "onnx", "android-arm64", "rpi5"), 2)]
+    eight = plan_jobs(fake(*[2] * 8), items, None)
+    assert [j.specs for j in eight] == [("cpu",), ("onnx",), ("android-arm64",), ("rpi5",)]
+    small = plan_jobs(fake(1, 1), items + [("x", 1, "onnx", 2, "b/onnx")], None)  # 2 slots of 1 CPU
+    assert [(j.payload, j.specs, j.threads) for j in small] == [
+        (0, ("cpu", "android-arm64"), 1), (0, ("onnx", "rpi5"), 1), (1, ("onnx",), 1)]
+
+
+def test_compare_notes_rows_measured_on_different_cpu_models():
+    from types import SimpleNamespace
+
+    from edgepack.compare.run import cpu_note
+
+    def plan(name, cpu):
+        latency = SimpleNamespace(where={"cpu": cpu})
+        m = SimpleNamespace(measurements=SimpleNamespace(compiled=SimpleNamespace(proxy=None, latency=latency)))
+        return SimpleNamespace(manifest=m, profile=SimpleNamespace(name=name))
+
+    c = SimpleNamespace(notes=[])
+    cpu_note([c], [plan("cpu", "AMD EPYC"), plan("onnx", "AMD EPYC")])
+    assert c.notes == []
+    cpu_note([c], [plan("cpu", "AMD EPYC"), plan("onnx", "Intel Xeon")])
+    assert c.notes == ["rows measured on different CPU models: AMD EPYC: cpu; Intel Xeon: onnx"]
