@@ -123,6 +123,8 @@ def local_and_cluster(cluster, trained_project, tmp_path_factory):
 
 
 def test_compare_on_the_cluster_gives_the_local_rows(local_and_cluster, tmp_path):
+    from edgepack.bundle import read_archive
+
     local, on_cluster, events = local_and_cluster
     a, b = {r.target: r for r in local.rows}, {r.target: r for r in on_cluster.rows}
     assert list(a) == list(b) == TARGETS
@@ -134,6 +136,11 @@ def test_compare_on_the_cluster_gives_the_local_rows(local_and_cluster, tmp_path
     print("model files identical, local vs cluster:", {t: a == b for t, (a, b) in digests.items()})
     for t, (a, b) in digests.items():  # every backend here quantizes deterministically: the same model files
         assert a == b and a, t
+    # each measurement says which node took it; locally there is no node to name
+    for t in ("cpu", "onnx"):
+        wa, wb = (read_archive(p, None).measurements.compiled.latency.where for p in bundles[t])
+        assert "ray_node" not in wa and re.fullmatch(r"[0-9a-f]{56}", wb["ray_node"]), wb
+        assert wa["cpu"] == wb["cpu"]
     # the progress came from the cluster's tasks, labelled with the node and worker
     assert {t for e in events for t in e[0].split(" @ ")[0].split(", ")} == set(TARGETS)
     assert all(re.search(r" @ .+/[0-9a-f]{6} pid \d+$", e[0]) for e in events)

@@ -58,6 +58,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
     from edgepack.cluster.ranking import ray_layer_map
     from edgepack.cluster.ship import unpack
     from edgepack.errors import EdgepackError
+    from edgepack.measure.host import RAY_NODE_ENV
     from edgepack.tuning import layer_map
 
     where = {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
@@ -71,6 +72,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
 
     progress("task", "start", None, f"{threads} CPU(s) reserved")
     token = layer_map.set(ray_layer_map)
+    os.environ[RAY_NODE_ENV] = where["node"]  # each measurement's `where` names this node
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-task-") as tmp:
             root = unpack(data, Path(tmp) / "in")
@@ -90,6 +92,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
             return found[0] if isinstance(spec, str) else found
     finally:
         layer_map.reset(token)
+        os.environ.pop(RAY_NODE_ENV, None)
 
 
 def _result(o: Any, where: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,18 @@ import socket
 from functools import lru_cache
 
 
-@lru_cache(maxsize=1)
+# set by a build task on a Ray cluster (edgepack.cluster.builds): the node's id, recorded in `where`
+RAY_NODE_ENV = "EDGEPACK_RAY_NODE"
+
+
 def host_info() -> dict[str, object]:
+    """This machine (cached), and on a Ray cluster the node a build task runs on."""
+    node = {"ray_node": os.environ[RAY_NODE_ENV]} if os.environ.get(RAY_NODE_ENV) else {}
+    return {**_machine(), **node}
+
+
+@lru_cache(maxsize=1)
+def _machine() -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
