@@ -14,6 +14,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -269,3 +270,80 @@ def test_compare_notes_rows_measured_on_different_cpu_models():
     assert c.notes == []
     cpu_note([c], [plan("cpu", "AMD EPYC"), plan("onnx", "Intel Xeon")])
     assert c.notes == ["rows measured on different CPU models: AMD EPYC: cpu; Intel Xeon: onnx"]
+
+
+class _Doubler:
+    def run(self, feeds):
+        return [feeds["x"] * 2]
+
+
+def test_run_all_stays_serial_without_a_cluster_and_shards_only_a_large_set(tmp_path):
+    """No cluster: run_all runs here and imports nothing of Ray; with a sharding set (as a cluster build
+    task sets it) only a set of two shards or more, of a model named by its files, goes to it."""
+    from edgepack.measure import accuracy as acc
+
+    code = ("import sys, numpy as np; from edgepack.measure import accuracy as acc; "
+            "from tests.test_cluster import _Doubler; from pathlib import Path; "
+            "data = [{'x': np.full((1, 2), i, np.float32)} for i in range(600)]; "
+            "m = acc.ModelFiles('onnxruntime', Path('m.onnx'), (Path('m.onnx'),), Path('.')); "
+            "out = acc.run_all(_Doubler(), data, m); "
+            "print([float(o[0][0, 0]) for o in out] == [2.0 * i for i in range(600)], 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "False"]
+    calls = []
+    token = acc.sharding.set(acc.Sharding(lambda m, s, k: calls.append((m, len(s), k)) or [[0]] * len(s), 4))
+    try:
+        m = acc.ModelFiles("onnxruntime", tmp_path / "m.onnx", (), tmp_path)
+        small = [{"x": np.ones((1, 2), np.float32)}] * 7
+        assert acc.run_all(_Doubler(), small, m)[0][0].tolist() == [[2.0, 2.0]] and not calls
+        assert acc.run_all(_Doubler(), small + small[:1])[0][0].tolist() == [[2.0, 2.0]] and not calls  # no model
+        assert acc.run_all(_Doubler(), small + small[:1], m) == [[0]] * 8 and calls == [(m, 8, 4)]
+    finally:
+        acc.sharding.reset(token)
+
+
+def _evaluate_inside_a_task(path: str, data, shard_samples: int) -> tuple[list, list]:
+    """What a build task does: the cluster's sharding set for the build, run_all called as measure() calls it."""
+    from edgepack.backends import get_backend
+    from edgepack.cluster.evaluation import ray_shard_outputs
+    from edgepack.measure import accuracy as acc
+
+    calls = []
+
+    def spy(model, samples, k):
+        calls.append((len(samples), k))
+        return ray_shard_outputs(model, samples, k)
+
+    token = acc.sharding.set(acc.Sharding(spy, shard_samples))
+    try:
+        runner, _ = get_backend("onnxruntime").host_runner(Path(path), 1)
+        model = acc.ModelFiles("onnxruntime", Path(path), (Path(path),), Path(path).parent)
+        return acc.run_all(runner, data, model), calls
+    finally:
+        acc.sharding.reset(token)
+
+
+def test_a_large_evaluation_set_runs_in_shards_with_the_serial_outputs_and_score(cluster, tmp_path):
+    """Forced over a lowered threshold: 4 shard tasks (8, 8, 8, 4 samples), nested in a task as in a
+    build; the merged outputs equal the serial run's exactly, so the score (counts) does too."""
+    import ray
+
+    from edgepack.backends import get_backend
+    from edgepack.cluster.connect import connect
+    from edgepack.cluster.evaluation import shards_of
+    from edgepack.measure import accuracy as acc
+
+    art = tiny_onnx(tmp_path / "m")
+    data = samples(28)
+    data.labels = [int(i) % 5 for i in range(28)]
+    serial = acc.run_all(get_backend("onnxruntime").host_runner(art.path, 2)[0], data)
+    connect(cluster)
+    sharded, calls = ray.get(ray.remote(_evaluate_inside_a_task).options(num_cpus=1).remote(str(art.path), data, 8))
+    assert calls == [(28, 8)] and len(shards_of(28, 8)) == 4
+    assert len(sharded) == len(serial) == 28
+    assert all(len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+               for a, b in zip(sharded, serial))
+    reference = serial[::-1]  # any fixed reference: the fidelity counts must match too
+    for metric in ("top1", "fidelity"):
+        assert acc.score(metric, sharded, data.labels, reference) == acc.score(metric, serial, data.labels, reference)
+    print("sharded == serial:", acc.score("top1", sharded, data.labels, reference))

@@ -33,7 +33,7 @@ def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[P
     placeholder, for the caller to fill from a timing in turn."""
     runner, proxy = backend.host_runner(model_file, threads)
     if outputs is None or len(outputs) != len(ctx.evaluation):
-        outputs = acc.run_all(runner, ctx.evaluation)
+        outputs = acc.run_all(runner, ctx.evaluation, acc.ModelFiles(backend.name, model_file, tuple(files), root))
     sample = ctx.evaluation.samples[0]
     latency, by_shape = time_alone(ctx, runner, profile, threads) if timed else (UNTIMED, None)
     del runner

@@ -55,9 +55,11 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
     import ray
 
     from edgepack.build.pipeline import build
+    from edgepack.cluster.evaluation import ray_shard_outputs
     from edgepack.cluster.ranking import ray_layer_map
     from edgepack.cluster.ship import unpack
     from edgepack.errors import EdgepackError
+    from edgepack.measure.accuracy import Sharding, sharding
     from edgepack.measure.host import RAY_NODE_ENV
     from edgepack.tuning import layer_map
 
@@ -72,6 +74,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
 
     progress("task", "start", None, f"{threads} CPU(s) reserved")
     token = layer_map.set(ray_layer_map)
+    shard_token = sharding.set(Sharding(ray_shard_outputs))  # a large evaluation set runs as shard tasks
     os.environ[RAY_NODE_ENV] = where["node"]  # each measurement's `where` names this node
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-task-") as tmp:
@@ -92,6 +95,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
             return found[0] if isinstance(spec, str) else found
     finally:
         layer_map.reset(token)
+        sharding.reset(shard_token)
         os.environ.pop(RAY_NODE_ENV, None)
 
 

@@ -1,7 +1,11 @@
-"""Accuracy metrics. ``top1`` for labelled classification; ``fidelity`` against FP32 outputs."""
+"""Accuracy metrics. ``top1`` for labelled classification; ``fidelity`` against FP32 outputs. ``run_all``
+runs a model over a set: here, or inside a cluster build task in shards as parallel tasks (merged in
+sample order, then scored once on the whole set)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,8 +14,40 @@ import numpy as np
 
 from edgepack.errors import ModelError
 
+SHARD_SAMPLES = 256  # samples per shard when a large set runs as parallel tasks (>= 2 shards' worth)
 
-def run_all(runner, samples) -> list[list[np.ndarray]]:
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a shard task needs to load the very model ``runner`` runs: the backend (``host_runner``), the
+    model file, every file it needs, and the folder they are relative to."""
+
+    backend: str
+    path: Path
+    files: tuple[Path, ...]
+    root: Path
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """``run(model, samples, shard_samples)`` -> the outputs of every sample in order, run in shards as
+    parallel tasks (:mod:`edgepack.cluster.evaluation`); a cluster build task sets it for its build."""
+
+    run: Callable[[ModelFiles, list, int], list[list[np.ndarray]]]
+    shard_samples: int = SHARD_SAMPLES
+
+
+sharding: ContextVar[Sharding | None] = ContextVar("sharding", default=None)
+
+
+def run_all(runner, samples, model: ModelFiles | None = None) -> list[list[np.ndarray]]:
+    """``runner``'s outputs on each sample, in order. With ``model`` (what ``runner`` runs) and
+    :data:`sharding` set (inside a cluster build task), a set of at least two shards runs as shards in
+    parallel tasks and is merged in sample order: the same outputs, so the score is computed once, on
+    counts over the whole set. Otherwise (no cluster, or a small set) here, one sample after another."""
+    shard = sharding.get() if model is not None else None
+    if shard is not None and len(samples) >= 2 * shard.shard_samples:
+        return shard.run(model, list(samples), shard.shard_samples)
     return [runner.run(s) for s in samples]
 
 
