@@ -78,27 +78,30 @@ class Trials:
         except ToolchainError as e:
             raise self.on_error(e, where) from e
         runner, _ = backend.host_runner(compiled.path, self.threads)
-        outputs, score, scored_on = self.evaluate(runner, compiled.digest)
+        files = acc.ModelFiles(backend.name, compiled.path, tuple(compiled.all_files), compiled.path.parent)
+        outputs, score, scored_on = self.evaluate(runner, compiled.digest, files)
         p50 = measure_latency(runner, ctx.evaluation.samples[0], 5, 30, 5.0, self.threads)["p50_ms"]
         trial = Trial(step, method, kept, compiled, score, outputs, p50, time.perf_counter() - t0,
                       self.budget is None or self.budget(score["value"]), variant.quantization.recipe, scored_on)
         self.trials.append(trial)
         return trial
 
-    def evaluate(self, runner: Any, digest: str) -> tuple[Outputs, dict[str, Any], int | None]:
+    def evaluate(self, runner: Any, digest: str,
+                 files: acc.ModelFiles | None = None) -> tuple[Outputs, dict[str, Any], int | None]:
         """Outputs and score: from the cache, or on the subset first and on the whole set only for a
-        finalist. Returns how many samples were scored when it was only the subset."""
+        finalist. Returns how many samples were scored when it was only the subset. ``files``: the
+        model the runner runs, so a large set can run in shards on a cluster (see accuracy.run_all)."""
         samples = self.ctx.evaluation.samples
         cached = self.outputs_by_digest.get(digest)
         if cached is not None:
             return cached, self.score(cached), None
         n = self.subset if self.subset and self.budget is not None and self.subset < len(samples) else None
-        head = acc.run_all(runner, samples[:n] if n else samples)
+        head = acc.run_all(runner, samples[:n] if n else samples, files)
         if n:
             score = self.score(head, n)
             if not self.finalist(score, n):
                 return head, score, n
-            head = head + acc.run_all(runner, samples[n:])
+            head = head + acc.run_all(runner, samples[n:], files)
         self.outputs_by_digest[digest] = head
         return head, self.score(head), None
 
