@@ -64,7 +64,7 @@ def test_layer_ratios_make_torch_pruning_keep_exactly_the_allocation():
     m = tiny_cnn()
     groups = ps.channel_groups(m, SPECS, ["10"])
     keep = {"0": 7, "3": 23, "8": 13}
-    pruned, record = structured(m, SPECS, "l1", ["10"], None, None, None, ps.layer_ratios(groups, keep))
+    _, record = structured(m, SPECS, "l1", ["10"], None, None, None, ps.layer_ratios(groups, keep))
     assert {k: v[1] for k, v in record["channels"].items()} == keep
 
 

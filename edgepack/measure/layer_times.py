@@ -45,9 +45,9 @@ def _owner(name: str, nodes: list[str]) -> str | None:
     """The longest ONNX node name that ``name`` (the runtime's name for a node) starts with, at a boundary."""
     best = None
     for n in nodes:
-        if name == n or (name.startswith(n) and name[len(n)] in BOUNDARY):
-            if best is None or len(n) > len(best):
-                best = n
+        at_boundary = name == n or (name.startswith(n) and name[len(n)] in BOUNDARY)
+        if at_boundary and (best is None or len(n) > len(best)):
+            best = n
     return best
 
 
