@@ -51,6 +51,7 @@ class Trial:
     meets_budget: bool
     recipe: str = DEFAULT_RECIPE
     scored_on: int | None = None  # evaluation samples scored, when only a subset was (None: all of them)
+    node: str | None = None       # the cluster node that built, scored and timed it (None: this process)
 
     def to_json(self, ref_acc: dict) -> dict[str, Any]:
         row = {"step": self.step, "calibration_method": self.method, "recipe": self.recipe,
@@ -61,6 +62,8 @@ class Trial:
             row["cosine_mean"] = self.accuracy["cosine_mean"]
         if self.scored_on is not None:
             row["scored_on_samples"] = self.scored_on
+        if self.node is not None:
+            row["built_on_node"] = self.node
         return row
 
 
@@ -73,11 +76,24 @@ class TuningResult:
     failed: list[dict[str, str]] = field(default_factory=list)
     ranking_seconds: float | None = None
     finalists: dict[str, Any] | None = None  # the budget-meeting builds timed in turn, when more than one
+    parallel: dict[str, Any] | None = None   # rounds built at once through trial_map, when it was set
 
 
 # How rank_layers scores its layers: None scores them here, one after another; a cluster run sets a
 # map(scorer, layer names) -> errors that scores them as parallel tasks (edgepack.cluster.ranking)
 layer_map: ContextVar[Callable[["LayerScorer", list[str]], list[float]] | None] = ContextVar("layer_map", default=None)
+
+
+# How search builds a round of independent candidates (the other calibration methods; the recovery
+# recipes; the 1, 2, 4, ... layer counts; a short bisection's layer counts): None builds each one when the
+# serial search reaches it; a cluster run sets a map(try_build, calls) -> one Trial or ToolchainError per
+# call, that builds the whole round at once as parallel tasks (edgepack.cluster.trials). The search then
+# walks the round in its serial order over those results, so it keeps the trials, and chooses the build,
+# that the serial search would have; what it never reached is counted, not used.
+Call = tuple[str, str, list[str], dict[str, Any]]  # step, calibration method, layers kept, extra (recipe)
+trial_map: ContextVar[Callable[[Callable[..., Trial], list[Call]], list[Any]] | None] = ContextVar("trial_map",
+                                                                                                  default=None)
+SPECULATIVE_BISECT = 8  # a bisection over at most this many layer counts is built as one parallel round
 
 
 @dataclass
@@ -195,28 +211,54 @@ def search(plain: Trial, methods: list[str], try_build: Callable[..., Trial],
            time_in_turn: Callable[[list[Trial]], list[float]] | None = None) -> TuningResult:
     """Run the search from the plain INT8 trial. ``try_build(step, method, kept[, recipe=...])`` compiles
     and scores (``recipe`` is passed for the recovery methods only); ``rank(deadline)`` ranks the layers,
-    stopping at ``deadline``; ``time_in_turn`` times the builds that meet the budget in one window."""
+    stopping at ``deadline``; ``time_in_turn`` times the builds that meet the budget in one window. With
+    :data:`trial_map` set, each round's candidates are built at once (see there)."""
     deadline = time.monotonic() + max_minutes * 60
     trials = [plain]
+    mapper = trial_map.get()
+    prebuilt: dict[str, Any] = {}  # step -> Trial or ToolchainError, from a parallel round
+    rounds: list[int] = []
 
-    def out_of_budget() -> str:
-        if len(trials) - 1 >= max_steps:  # tuning trials after the plain build
+    def steps_left() -> int:
+        return max_steps - (len(trials) - 1)  # tuning trials after the plain build
+
+    def out_of_budget(step: str = "") -> str:
+        if steps_left() <= 0:
             return f"step cap ({max_steps}) reached"
-        if time.monotonic() > deadline:
+        if step not in prebuilt and time.monotonic() > deadline:  # a result in hand is used, whatever the time
             return f"time cap ({max_minutes:g} min) reached"
         return ""
+
+    def prebuild(calls: list[Call]) -> None:
+        calls = calls[:steps_left()]
+        if mapper is None or len(calls) < 2 or time.monotonic() > deadline:
+            return
+        progress(f"building {len(calls)} candidates at once: " + ", ".join(c[0] for c in calls))
+        prebuilt.update(zip((c[0] for c in calls), mapper(try_build, calls)))
+        rounds.append(len(calls))
+
+    def build(step: str, method: str, kept: list[str], **extra: Any) -> Trial:
+        if step in prebuilt:
+            found = prebuilt.pop(step)
+            if isinstance(found, BaseException):
+                raise found
+            return found
+        return try_build(step, method, kept, **extra)
 
     failed: list[dict[str, str]] = []
     ranking_seconds: float | None = None
 
     def finish(stopped: str, sens=()) -> TuningResult:
         best, finalists = pick(trials, time_in_turn)
-        return TuningResult(best, trials, list(sens), stopped, failed, ranking_seconds, finalists)
+        par = {"rounds": rounds, "builds": sum(rounds), "not_reached": len(prebuilt),
+               "how": "each round's candidates built at once; the serial order then walked over the results"}
+        return TuningResult(best, trials, list(sens), stopped, failed, ranking_seconds, finalists,
+                            par if rounds else None)
 
     def attempt(step: str, method: str, recipe: str = DEFAULT_RECIPE) -> Trial | None:
         progress(step)
         try:
-            t = try_build(step, method, [], **({} if recipe == DEFAULT_RECIPE else {"recipe": recipe}))
+            t = build(step, method, [], **({} if recipe == DEFAULT_RECIPE else {"recipe": recipe}))
         except ToolchainError as e:  # a method the toolchain cannot fit on this model is skipped, and said
             failed.append({"step": step, "error": e.message})
             progress(f"{step} failed: {e.message}")
@@ -227,10 +269,10 @@ def search(plain: Trial, methods: list[str], try_build: Callable[..., Trial],
     if plain.meets_budget:
         return finish("plain INT8 met the budget")
     best_method = plain
-    for m in methods:
-        if m == plain.method:
-            continue
-        if stop := out_of_budget():
+    others = [m for m in methods if m != plain.method]
+    prebuild([(f"calibration {m}", m, [], {}) for m in others])
+    for m in others:
+        if stop := out_of_budget(f"calibration {m}"):
             return finish(stop)
         t = attempt(f"calibration {m}", m)
         if t is None:
@@ -239,8 +281,10 @@ def search(plain: Trial, methods: list[str], try_build: Callable[..., Trial],
             return finish(f"calibration method {m} met the budget")
         if goodness(t.accuracy) > goodness(best_method.accuracy):
             best_method = t
+    prebuild([(f"recovery {r}", best_method.method, [], {} if r == DEFAULT_RECIPE else {"recipe": r})
+              for r in recipes])
     for r in recipes:  # INT8 recovery on every layer, before any layer is kept in float
-        if stop := out_of_budget():
+        if stop := out_of_budget(f"recovery {r}"):
             return finish(stop)
         t = attempt(f"recovery {r}", best_method.method, r)
         if t is None:
@@ -262,26 +306,32 @@ def search(plain: Trial, methods: list[str], try_build: Callable[..., Trial],
     order = [name for name, _ in sens]
     method = best_method.method
     extra = {} if best_method.recipe == DEFAULT_RECIPE else {"recipe": best_method.recipe}
-    lo, hi, k = 0, None, 1
+    counts, k = [], 1
     while k <= len(order):  # grow 1, 2, 4, ... until the budget holds
-        if stop := out_of_budget():
+        counts.append(k)
+        k = len(order) if k < len(order) < 2 * k else 2 * k
+    prebuild([(f"keep {k} in float", method, order[:k], extra) for k in counts])
+    lo, hi = 0, None
+    for k in counts:
+        if stop := out_of_budget(f"keep {k} in float"):
             return finish(stop, sens)
         progress(f"keeping {k} layer(s) in higher precision")
-        t = try_build(f"keep {k} in float", method, order[:k], **extra)
+        t = build(f"keep {k} in float", method, order[:k], **extra)
         trials.append(t)
         if t.meets_budget:
             hi = k
             break
         lo = k
-        k = len(order) if k < len(order) < 2 * k else 2 * k
     if hi is None:
         return finish(f"budget not met even with all {len(order)} weighted layers in higher precision", sens)
+    if 1 < hi - lo <= SPECULATIVE_BISECT + 1 and hi - lo - 1 <= steps_left():
+        prebuild([(f"keep {m} in float", method, order[:m], extra) for m in range(lo + 1, hi)])
     while hi - lo > 1:  # bisect down to the fewest layers that still meet it
-        if stop := out_of_budget():
-            return finish(stop, sens)
         mid = (lo + hi) // 2
+        if stop := out_of_budget(f"keep {mid} in float"):
+            return finish(stop, sens)
         progress(f"keeping {mid} layer(s) in higher precision")
-        t = try_build(f"keep {mid} in float", method, order[:mid], **extra)
+        t = build(f"keep {mid} in float", method, order[:mid], **extra)
         trials.append(t)
         lo, hi = (lo, mid) if t.meets_budget else (mid, hi)
     return finish(f"budget met keeping {hi} layer(s) in higher precision", sens)

@@ -358,3 +358,27 @@ def test_a_large_evaluation_set_runs_in_shards_with_the_serial_outputs_and_score
     for metric in ("top1", "fidelity"):
         assert acc.score(metric, sharded, data.labels, reference) == acc.score(metric, serial, data.labels, reference)
     print("sharded == serial:", acc.score("top1", sharded, data.labels, reference))
+
+
+def test_a_tuning_search_on_the_cluster_builds_its_rounds_as_tasks_with_the_serial_result(
+        cluster, sensitive_project, tmp_path):
+    """The tuning test model's `cpu` search, serial here and inside a build task on the cluster (each
+    round's candidates built as tasks on both nodes): the same steps, the same layers kept, the same build."""
+    import json
+
+    from edgepack.api import build
+    from edgepack.bundle import read_archive
+
+    serial = build(sensitive_project, ["cpu"], tmp_path / "local", max_tuning_minutes=5)[0].manifest.tuning
+    r = runner.invoke(app, ["build", "-p", str(sensitive_project), "-t", "cpu", "--out", str(tmp_path / "cl"),
+                            "--max-tuning-minutes", "5", "--format", "json", "-q"], env={"EDGEPACK_CLUSTER": cluster})
+    assert r.exit_code == 0, r.output
+    read_archive(next((tmp_path / "cl").glob("*.edgepack")), tmp_path / "x")
+    tuned = json.loads((tmp_path / "x" / "manifest.json").read_text())["tuning"]
+    assert tuned["parallel"]["builds"] >= 2 and any("built_on_node" in s for s in tuned["steps"])
+    assert [s["step"] for s in tuned["steps"]] == [s["step"] for s in serial["steps"]]
+    assert [s["meets_budget"] for s in tuned["steps"]] == [s["meets_budget"] for s in serial["steps"]]
+    assert tuned["chosen"] == serial["chosen"]
+    assert tuned["kept_in_higher_precision"] == serial["kept_in_higher_precision"]
+    print("steps:", [(s["step"], s["accuracy"], s.get("built_on_node")) for s in tuned["steps"]],
+          "parallel:", tuned["parallel"])

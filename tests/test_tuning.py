@@ -27,23 +27,6 @@ def test_calibration_methods_really_differ(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sensitive_project(trained_project, tmp_path_factory) -> Path:
-    """The digits CNN with one activation channel scaled x1000 and the next conv scaled back:
-    the same function in FP32, but per-tensor INT8 ranges of that activation are ruined by it."""
-    import torch
-
-    root = tmp_path_factory.mktemp("sensitive") / "proj"
-    shutil.copytree(trained_project, root)
-    state = torch.load(root / "weights.pt", weights_only=True)
-    state["body.1.weight"][0] *= 1000.0   # BatchNorm after conv1: gamma and beta of channel 0
-    state["body.1.bias"][0] *= 1000.0
-    state["body.3.weight"][:, 0] /= 1000.0  # conv2 reads channel 0 scaled back down
-    torch.save(state, root / "weights.pt")
-    edit_yaml(root, "max_accuracy_drop: 2.0", "max_accuracy_drop: 1.0")
-    return root
-
-
-@pytest.fixture(scope="module")
 def tuned(sensitive_project, tmp_path_factory):
     from edgepack.api import build
 
@@ -195,3 +178,58 @@ def test_the_ranking_stops_at_its_deadline(tmp_path):
                     try_build, rank, 2.0, 5, notes.append)
     assert 0 < seen[0] <= 60.0 + 1  # half of the 2 minutes left
     assert result.best.kept == ["a"] and any("1 of 2 layers ranked" in n for n in notes)
+
+
+@pytest.mark.parametrize("needed", [0, 3, 5, 11, 12])
+def test_rounds_built_at_once_walk_to_the_serial_search_result(needed):
+    """With a trial map set, each round (calibration methods, recipes, the 1, 2, 4, ... counts, a short
+    bisection) is built at once, and the search keeps exactly the trials, and the build, of the serial
+    search; what the serial walk never reached is counted, and the step cap still holds."""
+    from edgepack.errors import ToolchainError
+    from edgepack.tuning import Trial, search, trial_map
+
+    layers = [f"L{i}" for i in range(12)]
+
+    def try_build(step, method, kept, recipe="default"):
+        if method == "entropy":
+            raise ToolchainError("does not fit")
+        acc = 80.0 + (2.0 if method == "percentile" else 0) + (3.0 if recipe == "bc" else 0)
+        acc += 10.0 if needed and len(kept) >= needed else 0
+        return Trial(step, method, kept, None, {"value": acc}, [], 1.0 + len(kept), 0.1, acc >= 90, recipe)
+
+    calls: list[list[str]] = []
+
+    def at_once(build, round_):
+        calls.append([c[0] for c in round_])
+        found = []
+        for step, method, kept, extra in round_:
+            try:
+                found.append(build(step, method, kept, **extra))
+            except ToolchainError as e:
+                found.append(e)
+        return found
+
+    def run(steps=20):
+        return search(Trial("plain int8", "minmax", [], None, {"value": 80.0}, [], 1.0, 0.1, False),
+                      ["minmax", "entropy", "percentile", "mse"], try_build,
+                      lambda deadline: [(n, 1.0 / (i + 1)) for i, n in enumerate(layers)], 5.0, steps,
+                      lambda msg: None, recipes=("bc", "bc2"))
+
+    serial = run()
+    token = trial_map.set(at_once)
+    try:
+        capped = run(steps=6)
+        calls.clear()
+        parallel = run()
+    finally:
+        trial_map.reset(token)
+    assert [t.step for t in parallel.trials] == [t.step for t in serial.trials]
+    assert parallel.best.step == serial.best.step and parallel.best.kept == serial.best.kept
+    assert parallel.stopped == serial.stopped and parallel.failed == serial.failed
+    assert calls[0] == ["calibration entropy", "calibration percentile", "calibration mse"]
+    assert calls[1] == ["recovery bc", "recovery bc2"]
+    assert calls[2] == [f"keep {k} in float" for k in (1, 2, 4, 8, 12)][:len(calls[2])]
+    assert parallel.parallel["rounds"] == [len(c) for c in calls] and len(calls) <= 4
+    walked = {t.step for t in parallel.trials} | {f["step"] for f in parallel.failed}
+    assert parallel.parallel["not_reached"] == sum(1 for c in calls for step in c if step not in walked)
+    assert len(capped.trials) - 1 <= 6 and capped.stopped == "step cap (6) reached"

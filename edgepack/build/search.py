@@ -225,7 +225,7 @@ def tuning_record(result: TuningResult, ref_acc: dict, settings: dict[str, Any])
                     "note": "the ranking stops at half the time left; layers not ranked are kept in float last"},
         "sensitivity_how": "each weighted layer quantized alone (ONNX Runtime, host); mean relative squared "
                            "error of the model output vs FP32 on calibration samples",
-    }
+    } | ({"parallel": result.parallel} if result.parallel else {})
 
 
 def _why(result: TuningResult) -> str:

@@ -57,11 +57,12 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
     from edgepack.build.pipeline import build
     from edgepack.cluster.evaluation import ray_shard_outputs
     from edgepack.cluster.ranking import ray_layer_map
+    from edgepack.cluster.trials import ray_trial_map
     from edgepack.cluster.ship import unpack
     from edgepack.errors import EdgepackError
     from edgepack.measure.accuracy import Sharding, sharding
     from edgepack.measure.host import RAY_NODE_ENV
-    from edgepack.tuning import layer_map
+    from edgepack.tuning import layer_map, trial_map
 
     where = {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
     label = f"{label} @ {where['host']}/{where['node'][:6]} pid {where['pid']}"
@@ -74,6 +75,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
 
     progress("task", "start", None, f"{threads} CPU(s) reserved")
     token = layer_map.set(ray_layer_map)
+    trial_token = trial_map.set(ray_trial_map)  # a tuning round's candidates are built as tasks
     shard_token = sharding.set(Sharding(ray_shard_outputs))  # a large evaluation set runs as shard tasks
     os.environ[RAY_NODE_ENV] = where["node"]  # each measurement's `where` names this node
     try:
@@ -95,6 +97,7 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
             return found[0] if isinstance(spec, str) else found
     finally:
         layer_map.reset(token)
+        trial_map.reset(trial_token)
         sharding.reset(shard_token)
         os.environ.pop(RAY_NODE_ENV, None)
 

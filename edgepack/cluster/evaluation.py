@@ -30,15 +30,15 @@ def shards_of(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_to_root(path: Path, root: Path) -> str:
     path, root = Path(path).resolve(), Path(root).resolve()
     return path.relative_to(root).as_posix() if root in path.parents else path.name
 
 
 def model_bytes(model: Any) -> tuple[dict[str, bytes], str]:
     """The model's files as {path relative to its root: bytes}, and the model file's key."""
-    files = {_relative(p, model.root): Path(p).read_bytes() for p in (*model.files, model.path)}
-    return files, _relative(model.path, model.root)
+    files = {relative_to_root(p, model.root): Path(p).read_bytes() for p in (*model.files, model.path)}
+    return files, relative_to_root(model.path, model.root)
 
 
 def run_shard(backend: str, files: dict[str, bytes], model_file: str, samples: list) -> list[list[np.ndarray]]:
