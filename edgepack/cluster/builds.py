@@ -57,8 +57,8 @@ def build_task(payload: Payload, data: bytes, spec: str | list[str], threads: in
     from edgepack.build.pipeline import build
     from edgepack.cluster.evaluation import ray_shard_outputs
     from edgepack.cluster.ranking import ray_layer_map
-    from edgepack.cluster.trials import ray_trial_map
     from edgepack.cluster.ship import unpack
+    from edgepack.cluster.trials import ray_trial_map
     from edgepack.errors import EdgepackError
     from edgepack.measure.accuracy import Sharding, sharding
     from edgepack.measure.host import RAY_NODE_ENV

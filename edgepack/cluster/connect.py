@@ -86,3 +86,16 @@ def nodes(ray: Any) -> list[dict[str, Any]]:
     """The cluster's live nodes: id, address and CPUs."""
     return [{"id": n["NodeID"], "address": n.get("NodeManagerAddress"), "cpus": n.get("Resources", {}).get("CPU", 0)}
             for n in ray.nodes() if n.get("Alive")]
+
+
+def gather(refs: list[Any]) -> list[Any]:
+    """``ray.get`` of a round of tasks, in order; on any error, or Ctrl-C, every task of the round still
+    running is cancelled first, so nothing keeps running on the cluster for a caller that gave up."""
+    import ray
+
+    try:
+        return list(ray.get(refs))
+    except BaseException:
+        for r in refs:
+            ray.cancel(r, force=True)
+        raise

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.cluster.connect import gather
+
 MAX_RETRIES = 2
 
 
@@ -68,11 +70,6 @@ def ray_shard_outputs(model: Any, samples: list, shard_samples: int) -> list[lis
     shared = ray.put(files)
     task = ray.remote(run_shard).options(num_cpus=1, max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")
     refs = [task.remote(model.backend, shared, key, samples[a:b]) for a, b in shards_of(len(samples), shard_samples)]
-    try:
-        parts = ray.get(refs)
-    except BaseException:
-        for r in refs:
-            ray.cancel(r, force=True)
-        raise
+    parts = gather(refs)
     # plain writable arrays (not views of the object store), merged in sample order
     return [[np.array(o) for o in outs] for part in parts for outs in part]

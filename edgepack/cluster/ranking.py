@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from edgepack.cluster.connect import gather
+
 MAX_RETRIES = 2
 
 
@@ -27,12 +29,7 @@ def ray_layer_map(scorer: Any, names: list[str]) -> list[float]:
     shared = ray.put(scorer)
     task = ray.remote(_score_one).options(num_cpus=1, max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")
     refs = [task.remote(shared, n) for n in names]
-    try:
-        return list(ray.get(refs))
-    except BaseException:
-        for r in refs:
-            ray.cancel(r, force=True)
-        raise
+    return gather(refs)
 
 
 def cluster_layer_map(address: str) -> Callable[[Any, list[str]], list[float]]:

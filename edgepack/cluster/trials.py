@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edgepack.cluster.connect import gather
 from edgepack.cluster.evaluation import relative_to_root
 from edgepack.errors import ToolchainError
 
@@ -135,13 +136,7 @@ def ray_trial_map(try_build: Any, calls: list[tuple]) -> list[Any]:
     task = ray.remote(build_trial).options(num_cpus=max(1, int(try_build.threads)), max_retries=MAX_RETRIES,
                                            scheduling_strategy="SPREAD")
     refs = [task.remote(known[1], c) for c in calls]
-    try:
-        found = ray.get(refs)
-    except BaseException:
-        for r in refs:
-            ray.cancel(r, force=True)
-        raise
-    return [adopt(try_build, f) for f in found]
+    return [adopt(try_build, f) for f in gather(refs)]
 
 
 def _serially(try_build: Any, call: tuple) -> Any:
