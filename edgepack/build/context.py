@@ -90,10 +90,21 @@ def release_memory() -> None:
     import gc
 
     gc.collect()
+    # what survives (imported toolchains, the model, the data: a million objects once torch's exporter is
+    # loaded) is not scanned again by the next stages' collections, which then cost milliseconds, not
+    # a second each; reference counting still frees it. build() unfreezes it at its end (:func:`thaw`).
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def thaw() -> None:
+    """Hand the objects :func:`release_memory` froze back to the garbage collector (a build's end)."""
+    import gc
+
+    gc.unfreeze()
 
 
 def memory_mb() -> dict[str, float]:
@@ -187,6 +198,8 @@ class BuildContext:
     prune: dict[str, Any] | None = None     # the prune record, when the project prunes
     timings: Timings | None = None          # the stage clock (build() sets it; progress is its wrapper)
     shared_stages: int = 0                  # how many of its stages every target shares (reading the data)
+    probes: list[Any] = field(default_factory=list)  # memory probes running in the background (build.measuring)
+    runners: dict[tuple[str, str, int], Any] = field(default_factory=dict)  # loaded models kept for the in-turn window
 
     @property
     def project(self) -> Project:

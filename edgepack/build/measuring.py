@@ -3,6 +3,8 @@ target's runtime, and the ratios from models timed in turn in one window."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from edgepack.bundle import Measured
 from edgepack.calibration.reader import check_label_classes
 from edgepack.measure import accuracy as acc
 from edgepack.measure.latency import latency_at_shapes, measure_in_turn, measure_interleaved, measure_latency
-from edgepack.measure.memory import measure_peak_memory
+from edgepack.measure.memory import Probe, start_peak_memory
 from edgepack.measure.size import size_of
 from edgepack.target import TargetProfile
 
@@ -25,31 +27,91 @@ REFERENCE_RUNTIME = "onnxruntime"
 
 def measure(ctx: BuildContext, backend: Backend, model_file: Path, files: list[Path], root: Path, threads: int,
             profile: TargetProfile, what: str, outputs: Outputs | None = None,
-            timed: bool = True) -> tuple[Measured, Outputs]:
-    """Outputs on the whole evaluation set, latency (and at the dims' sizes), peak memory and size.
-    ``accuracy`` is left for the caller, which knows what to score against. ``outputs``: this very
-    model's outputs on the evaluation set when they were already computed (the chosen trial's, on the
-    same runtime and files), so the set is not run twice. ``timed`` False: latency left at a zero
-    placeholder, for the caller to fill from a timing in turn."""
+            timed: bool = True, probe_now: bool = True) -> tuple[Measured, Outputs]:
+    """Outputs on the whole evaluation set, latency, peak memory and size. ``accuracy`` is left for the
+    caller, which knows what to score against. ``outputs``: this very model's outputs on the evaluation
+    set when they were already computed (the chosen trial's, on the same runtime and files), so the set
+    is not run twice.
+
+    Latency: a model that runs on this host's own runtime is timed once, in turn with FP32 in one window
+    (:func:`in_turn`), which fills its section; only one that runs on a host proxy (no window) is timed
+    alone here. ``timed`` False: no timing at all here (the FP32 reference, timed in that window too).
+    The sizes a project declares for its symbolic dims are timed alone (the window times one input).
+    Peak memory: a probe in a fresh process, started in the background once the timing here is done
+    (``probe_now`` False: started by the next :func:`start_probes`); :func:`settle_probes` collects it
+    before any other latency is timed."""
     runner, proxy = backend.host_runner(model_file, threads)
     if outputs is None or len(outputs) != len(ctx.evaluation):
         outputs = acc.run_all(runner, ctx.evaluation, acc.ModelFiles(backend.name, model_file, tuple(files), root))
     sample = ctx.evaluation.samples[0]
-    latency, by_shape = time_alone(ctx, runner, profile, threads) if timed else (UNTIMED, None)
+    latency, by_shape = UNTIMED, None
+    if timed and (proxy is not None or any(d.measure for d in ctx.project.dims.values())):
+        settle_probes(ctx)
+        m = profile.measurement
+        if proxy is not None:
+            latency = measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads)
+        by_shape = latency_at_shapes(runner, sample, ctx.project, m, threads)
+    if proxy is None:  # timed next in turn with FP32 (:func:`in_turn`): loaded once, kept for that window
+        ctx.runners[(backend.name, str(model_file), threads)] = runner
     del runner
-    memory = measure_peak_memory(backend.name, model_file, sample, threads)
     runtime = proxy or f"{backend.runtime_package} {ctx.toolchain.get(backend.runtime_package, '?')}"
     measured = Measured(model=what, runtime=runtime, proxy=proxy, accuracy=None, latency=latency,
-                        latency_by_shape=by_shape, size=size_of(files, root), peak_memory=memory)
+                        latency_by_shape=by_shape, size=size_of(files, root), peak_memory=PENDING)
+    ctx.probes.append(PendingMemory(measured, lambda: start_peak_memory(backend.name, model_file, sample, threads)))
+    if probe_now:
+        start_probes(ctx)
     return measured, outputs
 
 
 # a latency not yet taken: replaced by the timing in turn (or alone) before any manifest is written
 UNTIMED = {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0, "how": {"untimed": True}}
+PENDING = {"measured": False, "reason": "probe not collected yet"}  # replaced by settle_probes
+
+
+@dataclass
+class PendingMemory:
+    """A model's peak-memory probe: started (``probe``) while untimed work goes on, collected into
+    ``measured.peak_memory`` by :func:`settle_probes`."""
+
+    measured: Measured
+    start: Callable[[], Probe]
+    probe: Probe | None = None
+
+
+def start_probes(ctx: BuildContext) -> None:
+    """Start the memory probes not started yet (each a fresh process, in the background)."""
+    for p in ctx.probes:
+        if p.probe is None:
+            p.probe = p.start()
+
+
+def settle_probes(ctx: BuildContext) -> None:
+    """Wait for every memory probe and record its figure: called before any latency is timed, so that no
+    probe runs during a timing, and before a build's figures are written."""
+    start_probes(ctx)
+    while ctx.probes:
+        p = ctx.probes.pop(0)
+        assert p.probe is not None
+        p.measured.peak_memory = p.probe.result()
+
+
+def cancel_probes(ctx: BuildContext) -> None:
+    """Stop the probes of a build that failed or was interrupted."""
+    while ctx.probes:
+        p = ctx.probes.pop(0)
+        if p.probe is not None:
+            p.probe.cancel()
+
+
+def loaded(ctx: BuildContext, backend: Backend, model_file: Path, threads: int) -> Any:
+    """The runner :func:`measure` kept for this model (taken out of the cache), or a new one."""
+    kept = ctx.runners.pop((backend.name, str(model_file), threads), None)
+    return kept if kept is not None else backend.host_runner(model_file, threads)[0]
 
 
 def time_alone(ctx: BuildContext, runner: Any, profile: TargetProfile, threads: int) -> tuple[dict, list | None]:
     """One model timed on its own (the profile's runs / seconds), and at the dims' sizes."""
+    settle_probes(ctx)
     m = profile.measurement
     sample = ctx.evaluation.samples[0]
     return (measure_latency(runner, sample, m.warmup_runs, m.runs, m.max_seconds, threads),
@@ -72,13 +134,14 @@ def reference(ctx: BuildContext, art: ModelArtifact, threads: int, profile: Targ
 
     def alone() -> tuple[dict, list | None]:
         with Stage(ctx.progress, "time fp32 reference") as st:
-            timed = time_alone(ctx, ort.load(art.path, threads), profile, threads)
+            timed = time_alone(ctx, loaded(ctx, ort, art.path, threads), profile, threads)
             st.detail = f"p50 {timed[0]['p50_ms']:.3f} ms"
         return timed
 
     with Stage(ctx.progress, "measure fp32 reference") as st:
+        # its memory probe starts with the compiled model's, after the compile (whose trials time latency)
         measured, outputs = measure(ctx, ort, art.path, list(art.all_files), art.path.parent, threads, profile,
-                                    "fp32 reference: exported ONNX on onnxruntime", timed=False)
+                                    "fp32 reference: exported ONNX on onnxruntime", timed=False, probe_now=False)
         out_names = [o.name for o in art.outputs]
         acc.check_finite(outputs, ctx.evaluation, out_names)
         labels = ctx.evaluation.labels
@@ -113,16 +176,19 @@ IN_TURN_ROUNDS = 12  # rounds of each model's block of calls (measure_in_turn's 
 
 def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: ModelArtifact,
             compiled: ModelArtifact, fp32_on_target: dict[str, Any] | None,
-            threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+            threads: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The FP32 reference, the compiled model and (when built) FP32 on the target's runtime, timed in
     turn in one window with a noise check: the speed-ups in the manifest come from here, so a busy
     host's load falls on every model alike, and a window that never settles is flagged noisy. Returns
-    the manifest's ``in_turn`` record and the reference's latency from it; FP32 on the target gets its
-    latency section from it too."""
+    the manifest's ``in_turn`` record, the reference's latency and the compiled model's from it (each
+    model is timed once: this is the compiled model's own figure too, the one ``validate`` compares a
+    device with: the same runtime call, threads and input); FP32 on the target gets its latency section
+    from it too. The memory probes are collected once the models are loaded: none runs during the window."""
     ort = get_backend(REFERENCE_BACKEND)
-    runners = {"fp32 reference": ort.load(art.path, threads), "compiled": backend.host_runner(compiled.path, threads)[0]}
+    runners = {"fp32 reference": loaded(ctx, ort, art.path, threads), "compiled": loaded(ctx, backend, compiled.path, threads)}
     if fp32_on_target is not None:
         runners["fp32 on the target's runtime"] = backend.host_runner(Path(fp32_on_target["path"]), threads)[0]
+    settle_probes(ctx)
     m = profile.measurement
     lat, noise = measure_in_turn(runners, ctx.evaluation.samples[0], m.warmup_runs, 0, m.max_seconds * 2, threads,
                                  rounds=IN_TURN_ROUNDS)
@@ -134,7 +200,14 @@ def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Mo
     if fp32_on_target is not None:
         out["speedup_p50_vs_target_fp32"] = round(p50["fp32 on the target's runtime"] / p50["compiled"], 3)
         fp32_on_target["latency"] = in_turn_latency(lat["fp32 on the target's runtime"])
-    return out, in_turn_latency(lat["fp32 reference"])
+    last = noise["checks"][-1]
+    window_noise = {k: last[k] for k in ("load_per_cpu_before", "load_per_cpu_after", "cpu_steal_pct",
+                                         "others_cpu_share") if k in last}
+    compiled_latency = in_turn_latency(lat["compiled"]) | {"noise": {
+        **window_noise, "noisy": noise["noisy"],
+        "how": "the in-turn window's noise check (comparison.in_turn.noise): the round-by-round ratio spread "
+               "and the CPU share of other processes during the window"}}
+    return out, in_turn_latency(lat["fp32 reference"]), compiled_latency
 
 
 def unpruned_latency(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile,

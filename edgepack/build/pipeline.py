@@ -16,10 +16,11 @@ from typing import Any
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.build.context import (BuildContext, BuildResult, Outcome, Progress, Reference, Settings, Stage,
-                                    TargetFailure, Timings, no_progress)
+                                    TargetFailure, Timings, no_progress, thaw)
 from edgepack.build.data import prepare_data
 from edgepack.build.manifest import Built, assemble
-from edgepack.build.measuring import REFERENCE_RUNTIME, in_turn, measure, noisy_note, reference, target_fp32, unpruned_latency
+from edgepack.build.measuring import (REFERENCE_RUNTIME, cancel_probes, in_turn, measure, noisy_note, reference,
+                                      settle_probes, target_fp32, unpruned_latency)
 from edgepack.build.plan import TargetPlan, plan_targets, toolchain_versions
 from edgepack.build import choice
 from edgepack.build.search import Trials, accuracy_budget, compile_to_budget, precision_label
@@ -80,7 +81,12 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
                                toolchain_versions(plans), settings, out, scratch, timings, timings=timings)
             ctx.data = prepare_data(ctx, plans[0].profile)
             ctx.shared_stages = len(timings.stages)
-            return [_one(ctx, plan, keep_going) for plan in plans]
+            try:
+                return [_one(ctx, plan, keep_going) for plan in plans]
+            finally:
+                cancel_probes(ctx)  # a failed or interrupted build's memory probes (a finished one has none left)
+                ctx.runners.clear()
+                thaw()
     except (OSError, EdgepackError) as e:
         if isinstance(e, DiskFullError) or not no_space(e):
             raise
@@ -164,8 +170,10 @@ class Job:
                                         profile, f"compiled: {why or precision_label(compiled, profile)} on {backend.name}",
                                         chosen.outputs)
             measured.accuracy = self.trials.score(outputs)
-            st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}, p50 {measured.latency.p50_ms:.3f} ms"
+            st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}" + (
+                f", p50 {measured.latency.p50_ms:.3f} ms" if measured.proxy else ", timed next in turn with fp32")
         if ctx.prune is not None and self.prune is None:
+            settle_probes(ctx)  # no memory probe runs while the two are timed
             with Stage(progress, f"measure unpruned {profile.name}") as st:
                 unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
                 effect = unpruned_latency(ctx, backend, options, profile, unpruned_src, self.workdir / "unpruned",
@@ -181,14 +189,15 @@ class Job:
         timed = None
         if measured.proxy is None:
             with Stage(progress, f"time {profile.name} in turn with fp32") as st:
-                timed, ref_latency = in_turn(ctx, backend, profile, art, compiled, fp32_target, threads)
-                st.detail = (f"speed-up {timed['speedup_p50']:.2f}x"
+                timed, ref_latency, measured.latency = in_turn(ctx, backend, profile, art, compiled, fp32_target, threads)
+                st.detail = (f"p50 {measured.latency.p50_ms:.3f} ms, speed-up {timed['speedup_p50']:.2f}x"
                              + (" [noisy host: figures flagged]" if timed["noise"]["noisy"] else ""))
             if timed["noise"]["noisy"]:
                 ctx.warn(noisy_note(profile, timed))
             reference = self.ref.with_latency(ref_latency)
         else:  # the compiled model ran on a proxy: the reference is timed alone, once per build
             reference = self.ref.measured
+        settle_probes(ctx)  # (done already before any timing above; here for a build that timed nothing)
         return Built(compiled, art, reference, measured, outputs, tuning, fp32_target, self.prune, timed)
 
 

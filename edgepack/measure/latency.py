@@ -89,13 +89,14 @@ def _batch(sample: dict[str, np.ndarray]) -> int:
 
 
 def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
-                        max_seconds: float, threads: int, block: int = 20) -> dict[str, dict]:
+                        max_seconds: float, threads: int, block: int = 20, warmed: int = 0) -> dict[str, dict]:
     """Several models timed in turn, ``block`` calls each per round (after one untimed call that warms
     the caches back up), the order alternating between rounds, until each has ``runs`` timed calls or
     ``max_seconds`` have passed: the load of a shared host then falls on all of them alike, for ratios
-    between models (pruned vs unpruned) measured in one run."""
+    between models (pruned vs unpruned) measured in one run. ``warmup`` untimed calls per model come
+    first, ``warmed`` of them already made by the caller on these very runners and input."""
     calls = {name: _call_of(r, sample) for name, r in runners.items()}
-    for _ in range(warmup):
+    for _ in range(max(0, warmup - warmed)):
         for feeds, call, _ in calls.values():
             call(feeds)
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -124,6 +125,7 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
         | {"round_medians_ms": [round(v, 5) for v in rounds[name]]} for name in calls}
 
 
+PROBE_CALLS = 6  # calls per model that _block_for makes (1 + 5): they count as warm-up
 BLOCK_MS = 25.0  # a block of calls long enough that timer and scheduler jitter average out
 MIN_BLOCK = 5    # a model slower than 5 ms still gets a median of 5 calls per block
 
@@ -135,9 +137,9 @@ def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> int
         feeds, call, _ = _call_of(r, sample)
         call(feeds)
         t0 = time.perf_counter()
-        for _ in range(5):
+        for _ in range(PROBE_CALLS - 1):
             call(feeds)
-        slowest = max(slowest, (time.perf_counter() - t0) * 1e3 / 5)
+        slowest = max(slowest, (time.perf_counter() - t0) * 1e3 / (PROBE_CALLS - 1))
     return int(min(10000, max(MIN_BLOCK, np.ceil(BLOCK_MS / max(slowest, 1e-4)))))
 
 
@@ -154,7 +156,9 @@ def measure_in_turn(runners: dict[str, object], sample: dict[str, np.ndarray], w
     checks = []
     for attempt in range(1, tries + 1):
         watch = LoadWatch()
-        res = measure_interleaved(runners, sample, warmup, runs, max_seconds, threads, block)
+        # the block sizing's calls warmed every model up (and from the second window on, the last window)
+        res = measure_interleaved(runners, sample, warmup, runs, max_seconds, threads, block,
+                                  warmed=PROBE_CALLS if attempt == 1 else warmup)
         spreads = {}
         for name in runners:
             if name == base:

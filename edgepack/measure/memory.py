@@ -24,23 +24,76 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
-def measure_peak_memory(backend: str, model_path: Path, sample: dict[str, np.ndarray], threads: int,
-                        runs: int = 20, timeout: float = 300) -> dict:
-    if not Path("/proc/self/status").exists():
-        return {"measured": False, "reason": "needs Linux /proc to read peak RSS"}
-    with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "sample.npz"
+class Probe:
+    """A peak-memory probe running in a fresh child process; :meth:`result` waits for it. Started while
+    untimed work goes on (a peak RSS does not depend on what else runs), it must be collected before any
+    latency is timed, so that it never competes with a timing for the CPUs."""
+
+    def __init__(self, backend: str, model_path: Path, sample: dict[str, np.ndarray], threads: int,
+                 runs: int = 20, timeout: float = 300):
+        self.runs, self.threads, self.timeout = runs, threads, timeout
+        self._result: dict | None = None
+        self.proc: subprocess.Popen | None = None
+        if not Path("/proc/self/status").exists():
+            self._result = {"measured": False, "reason": "needs Linux /proc to read peak RSS"}
+            return
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        npz = tmp / "sample.npz"
         np.savez(npz, **sample)
         cmd = [sys.executable, "-m", "edgepack.measure.memory", backend, str(model_path), str(npz),
                str(threads), str(runs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"measured": False, "reason": f"memory probe failed: {tail}"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["how"] = {"method": "fresh process; peak RSS (VmHWM) after load + runs minus RSS after runtime import",
-                     "runs": runs, "threads": threads}
-    return result
+        # closed by _done, when the probe is collected (it outlives this call)
+        self._out, self._err = open(tmp / "stdout", "w+"), open(tmp / "stderr", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, text=True)
+
+    def result(self) -> dict:
+        if self._result is None:
+            self._result = self._collect()
+        return self._result
+
+    def _collect(self) -> dict:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return self._done({"measured": False, "reason": f"memory probe took over {self.timeout:.0f} s"})
+        self._out.seek(0)
+        self._err.seek(0)
+        out, err = self._out.read(), self._err.read()
+        if self.proc.returncode != 0:
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            return self._done({"measured": False, "reason": f"memory probe failed: {tail}"})
+        result = json.loads(out.strip().splitlines()[-1])
+        result["how"] = {"method": "fresh process; peak RSS (VmHWM) after load + runs minus RSS after runtime import",
+                         "runs": self.runs, "threads": self.threads}
+        return self._done(result)
+
+    def _done(self, result: dict) -> dict:
+        self._out.close()
+        self._err.close()
+        self._tmp.cleanup()
+        return result
+
+    def cancel(self) -> None:
+        """Stop a probe whose figure is no longer wanted (a failed build)."""
+        if self.proc is not None and self._result is None:
+            self.proc.kill()
+            self.proc.wait()
+            self._result = self._done({"measured": False, "reason": "memory probe cancelled"})
+
+
+def start_peak_memory(backend: str, model_path: Path, sample: dict[str, np.ndarray], threads: int,
+                      runs: int = 20, timeout: float = 300) -> Probe:
+    """Start the probe in the background (see :class:`Probe`)."""
+    return Probe(backend, model_path, sample, threads, runs, timeout)
+
+
+def measure_peak_memory(backend: str, model_path: Path, sample: dict[str, np.ndarray], threads: int,
+                        runs: int = 20, timeout: float = 300) -> dict:
+    return Probe(backend, model_path, sample, threads, runs, timeout).result()
 
 
 def _child(backend_name: str, model_path: str, npz: str, threads: int, runs: int) -> dict:
