@@ -89,6 +89,14 @@ def settle_probes(ctx: BuildContext) -> None:
     """Wait for every memory probe and record its figure: called before any latency is timed, so that no
     probe runs during a timing, and before a build's figures are written."""
     start_probes(ctx)
+    if any(p.probe is not None and p.probe.running for p in ctx.probes):  # a wait shows in the timings
+        with Stage(ctx.progress, "wait for memory probes") as st:
+            st.detail = f"{len(ctx.probes)} fresh processes"
+            _collect(ctx)
+    _collect(ctx)
+
+
+def _collect(ctx: BuildContext) -> None:
     while ctx.probes:
         p = ctx.probes.pop(0)
         assert p.probe is not None
