@@ -143,3 +143,47 @@ def test_the_bias_correction_recipe_compiles_a_working_int8_model(backend_name, 
     with pytest.raises(ToolchainError, match="no INT8 recipe 'no-such'"):
         bad = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"recipe": "no-such"})})
         backend.compile(art, bad, options, data, tmp_path / "bad")
+
+
+def test_openvino_recipes_map_to_nncf_parameters_cheapest_first():
+    from edgepack.backends.openvino import (
+        OpenVINOBackend,
+        nncf_ranges,
+        nncf_subset_size,
+        recipe_settings,
+    )
+
+    assert OpenVINOBackend.recovery_methods == ("bias-correction", "bias-correction-all-samples",
+                                                "bias-correction-median-ranges")
+    plain = recipe_settings("default", True)
+    assert plain["fast_bias_correction"] and nncf_ranges(plain, "minmax") == "MINMAX"
+    assert nncf_ranges(plain, "entropy") == "HISTOGRAM" and nncf_subset_size(plain, 300) == 300
+    for name in OpenVINOBackend.recovery_methods:  # every rung: full bias correction, 8-bit first layer, per-tensor
+        r = recipe_settings(name, True)
+        assert not r["fast_bias_correction"] and r["overflow_fix"] == "disable" and r["per_tensor_activations"]
+        assert nncf_ranges(r, "entropy") == "HISTOGRAM"  # another method keeps its own estimator
+    bc = recipe_settings("bias-correction", True)
+    assert nncf_ranges(bc, "minmax") is None and nncf_subset_size(bc, 300) == 300  # NNCF's defaults; 60 for BC
+    all_samples = recipe_settings("bias-correction-all-samples", True)
+    # NNCF's full BiasCorrection takes a fifth of subset_size: five times the set gives it every sample
+    assert nncf_ranges(all_samples, "minmax") is None and nncf_subset_size(all_samples, 300) == 1500
+    median = recipe_settings("bias-correction-median-ranges", True)
+    assert nncf_ranges(median, "minmax") == "MEDIAN_MINMAX" and nncf_subset_size(median, 300) == 1500
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    assert getattr(RangeEstimatorParametersSet, nncf_ranges(median, "minmax")) is RangeEstimatorParametersSet.MEDIAN_MINMAX
+
+
+@pytest.mark.parametrize("recipe", ["bias-correction-all-samples", "bias-correction-median-ranges"])
+def test_the_all_samples_recipes_compile_and_record_their_nncf_settings(recipe, tmp_path):
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    backend, profile = get_backend("openvino"), load_target("cpu")
+    art, data = tiny_onnx(tmp_path / "m"), samples(16)
+    variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"recipe": recipe})})
+    compiled = backend.compile(art, variant, backend.Options(**profile.backend_options), data, tmp_path / "out")
+    cfg = compiled.lineage[-1].config
+    assert cfg["recipe"] == recipe and cfg["fast_bias_correction"] is False and cfg["bias_correction_samples"] == 16
+    want = "MEDIAN_MINMAX" if recipe.endswith("median-ranges") else "nncf's defaults"
+    assert want in cfg["range_estimator"]
