@@ -152,9 +152,9 @@ def _output_views(model: Any) -> bool:
     """Ready ``model`` for NNCF's ``quantize_outputs`` when a Gemm/MatMul writes a graph output (a classifier);
     True when it did. NNCF quantizes op inputs, not a model's output, so a classifier Gemm ends without a
     QuantizeLinear, and ONNX Runtime (1.32, CPU) then leaves it in float although its input and weight are
-    quantized (its float bias is not folded into a QGemm); with a QuantizeLinear after it the Gemm becomes a
-    QGemm (EfficientNet-Lite0, measured). NNCF 3.4's ONNX backend refuses a quantizer on an edge that ends in a
-    graph output ("does not have end node"): each graph output gets an Identity in front (ONNX Runtime drops it)."""
+    quantized; with a QuantizeLinear after it the Gemm becomes a QGemm (EfficientNet-Lite0, measured). NNCF
+    3.4's ONNX backend refuses a quantizer on an edge that ends in a graph output ("does not have end node"):
+    each graph output gets an Identity in front (ONNX Runtime drops it)."""
     import onnx
 
     producers = {o: n for n in model.graph.node for o in n.output}
