@@ -294,3 +294,109 @@ def test_build_reports_the_if_branches_it_could_not_quantize(tmp_path):
     assert cov["subgraphs"]["count"] == 2 and cov["subgraphs"]["int8_ops"] == 0
     assert {f["where"] for f in cov["float_ops"]} == {"subgraph the_if"}
     assert any("declared int8, but int8 on" in w for w in r.manifest.warnings)
+
+
+# ------------------------------------------------------- ONNX Runtime's QDQ fusion as the ground truth
+
+ORT_INTEGER = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger"}
+
+
+def _ort_integer_nodes(path: Path, workdir: Path) -> set[str]:
+    """Names of the nodes ONNX Runtime (CPU) runs as integer ops, read from its own optimized graph."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(workdir / f"{path.stem}.ort-optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {n.name for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type in ORT_INTEGER}
+
+
+def _drop_q_after(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
+    """``model`` without the QuantizeLinear/DequantizeLinear pair that follows ``node_name``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    node = next(n for n in m.graph.node if n.name == node_name)
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and node.output[0] in n.input)
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and q.output[0] in n.input)
+    m.graph.node.remove(q)
+    m.graph.node.remove(dq)
+    if any(o.name == dq.output[0] for o in m.graph.output):
+        node.output[0] = dq.output[0]
+    for n in m.graph.node:
+        n.input[:] = [node.output[0] if i == dq.output[0] else i for i in n.input]
+    return m
+
+
+def _float_bias(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
+    """``model`` with ``node_name``'s int32 DequantizeLinear bias folded to a float initializer (as NNCF writes)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    dq = next(n for n in model.graph.node if n.output and n.output[0] == node.input[2])
+    init = {i.name: nh.to_array(i) for i in model.graph.initializer}
+    model.graph.node.remove(dq)
+    model.graph.initializer.append(nh.from_array((init[dq.input[0]] * init[dq.input[1]]).astype(np.float32),
+                                                 dq.output[0]))
+    return model
+
+
+def test_onnxruntime_rule_agrees_with_ort_optimized_graph(tmp_path):
+    """tiny_onnx (Conv, Conv, pool, Flatten, Gemm) quantized to QDQ, then variants without the QuantizeLinear
+    after an op: ONNX Runtime's optimized graph says which ops it runs as QLinearConv/QGemm, and coverage with
+    runtime="onnxruntime" must say the same; the TensorRT rule keeps counting every DQ'd op as INT8."""
+    from edgepack.stages.quantize_qdq import preprocess, quantize
+    from tests.backends.contract import samples, tiny_onnx
+
+    art = tiny_onnx(tmp_path / "tiny")
+    qdq = tmp_path / "with-q.onnx"
+    quantize(preprocess(art.path, tmp_path / "pre.onnx"), qdq, samples(8), "minmax", tmp_path)
+    model = onnx.load(str(qdq))
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    gemm = next(n.name for n in model.graph.node if n.op_type == "Gemm")
+    conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    variants = {
+        "with-q": (model, 3),                                                   # all fused
+        "gemm-no-q": (_drop_q_after(model, gemm), 3),                           # QGemm, float output
+        "gemm-no-q-float-bias": (_float_bias(_drop_q_after(model, gemm), gemm), 2),   # NNCF's classifier
+        "conv-no-q": (_drop_q_after(model, conv), 2),                           # FusedConv, float
+    }
+    for tag, (m, expected) in variants.items():
+        path = tmp_path / f"{tag}.onnx"
+        onnx.save(m, str(path))
+        truth = _ort_integer_nodes(path, tmp_path)
+        cov = coverage_for(path, runtime="onnxruntime")
+        int8 = set(weighted) - {f["name"] for f in cov["float_ops"]}
+        assert (tag, int8) == (tag, truth) and cov["int8_ops"] == len(truth) == expected
+        assert "Rule: onnxruntime" in cov["how"]
+        trt = coverage_for(path, runtime="tensorrt")
+        assert trt["int8_ops"] == 3 and "Rule: tensorrt" in trt["how"]
+        assert onnx_coverage(path)["int8_ops"] == 3           # the default stays TensorRT's rule
+    assert set(weighted) == _ort_integer_nodes(qdq, tmp_path)
+
+
+@pytest.mark.parametrize("op,wshape,xshape,yshape,with_q,ort_int8", [
+    ("MatMul", (32, 10), [1, 32], [1, 10], False, True),                 # MatMulIntegerToFloat
+    ("ConvTranspose", (4, 4, 3, 3), [1, 4, 8, 8], [1, 4, 10, 10], True, False),   # no CPU kernel: float
+    ("Conv", (4, 4, 3, 3), [1, 4, 8, 8], [1, 4, 6, 6], True, True),    # QLinearConv
+])
+def test_onnxruntime_rule_single_op(tmp_path, op, wshape, xshape, yshape, with_q, ort_int8):
+    """One DQ'd op, with or without a QuantizeLinear after it: coverage agrees with ONNX Runtime's graph."""
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "zp"),
+             nh.from_array(np.random.default_rng(0).integers(-100, 100, wshape).astype(np.int8), "wq"),
+             nh.from_array(np.array(0.01, np.float32), "ws"), nh.from_array(np.array(0, np.int8), "wz")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+             h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+             h.make_node(op, ["xd", "wd"], ["o" if with_q else "y"], name="op")]
+    if with_q:
+        nodes += [h.make_node("QuantizeLinear", ["o", "s", "zp"], ["oq"]),
+                  h.make_node("DequantizeLinear", ["oq", "s", "zp"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, xshape)],
+                     [h.make_tensor_value_info("y", T.FLOAT, yshape)], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "op.onnx"
+    onnx.save(m, str(path))
+    assert _ort_integer_nodes(path, tmp_path) == ({"op"} if ort_int8 else set())
+    assert coverage_for(path, runtime="onnxruntime")["int8_ops"] == int(ort_int8)
+    assert coverage_for(path, runtime="tensorrt")["int8_ops"] == 1

@@ -5,8 +5,12 @@ gives the same answer for the other formats, read from the artifact itself:
 
 * ONNX QDQ models (the ``onnx`` and TensorRT targets, written by :mod:`edgepack.stages.quantize_qdq`):
   a Conv/ConvTranspose/Gemm/MatMul is INT8 when both its activation and its weight come from a
-  DequantizeLinear of an 8-bit tensor (directly or through Transpose/Reshape and other views).
-  ONNX Runtime's QOperator/integer ops (QLinearConv, MatMulInteger, ...) count as INT8 as they are.
+  DequantizeLinear of an 8-bit tensor (directly or through Transpose/Reshape and other views), as
+  TensorRT runs it. ``runtime="onnxruntime"`` adds what ONNX Runtime's QDQ fusion needs (1.32, CPU,
+  checked on its optimized graph): a Conv only with its output read by QuantizeLinear alone (else it
+  stays a float Conv); a Gemm the same, or with no QuantizeLinear after it only when its bias is absent
+  or dequantized too (QGemm with float output); no ConvTranspose (no CPU kernel); MatMul needs no
+  QuantizeLinear (MatMulIntegerToFloat). Integer ops (QLinearConv, MatMulInteger, ...) count as INT8.
 * OpenVINO IR (the ``cpu`` target, quantized by NNCF): a Convolution/GroupConvolution/
   ConvolutionBackpropData/MatMul is INT8 when its activation comes from an 8-bit FakeQuantize and its
   weights reach a FakeQuantize or an i8/u8 Constant (compressed weights: Constant -> Convert ->
@@ -149,8 +153,9 @@ def _onnx_shape(vi: Any) -> list[int | None] | None:
     return [int(d.dim_value) if d.HasField("dim_value") else None for d in t.shape.dim]
 
 
-def onnx_coverage(path: Path) -> dict[str, Any]:
-    """INT8 coverage of an ONNX model (QDQ as :mod:`edgepack.stages.quantize_qdq` writes it)."""
+def onnx_coverage(path: Path, runtime: str | None = None) -> dict[str, Any]:
+    """INT8 coverage of an ONNX model (QDQ as :mod:`edgepack.stages.quantize_qdq` writes it), as ``runtime``
+    runs it: ``"onnxruntime"`` (its QDQ fusion rules) or any other/None (TensorRT's: DQ'd inputs suffice)."""
     import onnx
 
     path = Path(path)
@@ -159,16 +164,22 @@ def onnx_coverage(path: Path) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     tally = _Tally()
-    _walk_onnx(model.graph, ChainMap(), ChainMap(), ChainMap(), "main graph", tally)
+    ort = runtime == "onnxruntime"
+    _walk_onnx(model.graph, ChainMap(), ChainMap(), ChainMap(), "main graph", tally, ort)
+    rule = (" and, for ONNX Runtime (its QDQ fusion), a Conv/Gemm's output goes to QuantizeLinear only (a Gemm "
+            "without one needs its bias absent or dequantized: QGemm with float output), ConvTranspose never "
+            "(no CPU kernel), MatMul as is (MatMulIntegerToFloat)" if ort else
+            " (the rule TensorRT runs QDQ by; ONNX Runtime also needs a QuantizeLinear after a Conv/Gemm)")
     return tally.result(
         "Conv/ConvTranspose/Gemm/MatMul nodes of the main graph and every subgraph (If/Loop/Scan bodies); "
         "one is INT8 when its activation and its weight both come from an 8-bit DequantizeLinear (directly or "
-        "through Transpose/Reshape) or it is an integer op (QLinearConv, MatMulInteger, ...); MACs from ONNX "
-        "shape inference, symbolic dims as 1.")
+        f"through Transpose/Reshape){rule}, or it is an integer op (QLinearConv, MatMulInteger, ...); MACs from "
+        f"ONNX shape inference, symbolic dims as 1. Rule: {'onnxruntime' if ort else 'tensorrt'} "
+        f"(runtime: {runtime or 'not given'}).")
 
 
 def _walk_onnx(graph: Any, producers: ChainMap, shapes: ChainMap, types: ChainMap, where: str,
-               tally: _Tally) -> None:
+               tally: _Tally, ort: bool = False) -> None:
     """Count the weighted nodes of ``graph``; names from enclosing graphs resolve through the chain maps."""
     producers, shapes, types = producers.new_child(), shapes.new_child(), types.new_child()
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -202,6 +213,30 @@ def _walk_onnx(graph: Any, producers: ChainMap, shapes: ChainMap, types: ChainMa
             name, seen = node.input[0], seen + 1
         return False
 
+    readers: dict[str, list[str]] = {o.name: ["graph output"] for o in graph.output}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node.op_type)
+        for attr in node.attribute:     # names a subgraph reads from this graph
+            for sub in [attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []:
+                for g in _onnx_graphs(sub):
+                    for n in g.node:
+                        for i in n.input:
+                            readers.setdefault(i, []).append("subgraph")
+
+    def ort_fuses(node: Any) -> bool:
+        """ONNX Runtime's QDQ fusion of a node whose inputs are DQ'd (QLinearConv/QGemm/MatMulIntegerToFloat)."""
+        if node.op_type == "MatMul":
+            return True
+        if node.op_type == "ConvTranspose":
+            return False
+        out = readers.get(node.output[0], []) if node.output else []
+        if out and all(r == "QuantizeLinear" for r in out):
+            return True
+        bias = node.input[2] if len(node.input) > 2 else ""
+        return node.op_type == "Gemm" and not out.count("QuantizeLinear") and (
+            not bias or getattr(producers.get(bias), "op_type", None) == "DequantizeLinear")
+
     for node in graph.node:
         spec = ONNX_WEIGHTED.get(node.op_type) or ONNX_INTEGER.get(node.op_type)
         if spec is not None and len(node.input) > spec[2]:
@@ -210,7 +245,7 @@ def _walk_onnx(graph: Any, producers: ChainMap, shapes: ChainMap, types: ChainMa
             if node.op_type in ONNX_INTEGER:
                 int8 = True
             else:
-                int8 = from_dq(a_name) and from_dq(w_name)
+                int8 = from_dq(a_name) and from_dq(w_name) and (not ort or ort_fuses(node))
             trans_a = any(a.name == "transA" and a.i for a in node.attribute)
             out = shapes.get(node.output[0]) if node.output else None
             macs, est = _macs(kind, shapes.get(a_name), shapes.get(w_name), out, trans_a)
@@ -219,7 +254,7 @@ def _walk_onnx(graph: Any, producers: ChainMap, shapes: ChainMap, types: ChainMa
             subs = [attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []
             for sub in subs:
                 tally.subgraphs += 1
-                _walk_onnx(sub, producers, shapes, types, f"subgraph {node.name or node.op_type}", tally)
+                _walk_onnx(sub, producers, shapes, types, f"subgraph {node.name or node.op_type}", tally, ort)
 
 
 # ------------------------------------------------------------------------------------------ OpenVINO
@@ -305,12 +340,13 @@ def _walk_ov(model: Any, outer: dict[int, Any], where: str, tally: _Tally) -> No
 
 # -------------------------------------------------------------------------------------------- common
 
-def coverage_for(path: Path) -> dict[str, Any] | None:
-    """Coverage of a compiled artifact by its suffix: ``.onnx`` or ``.xml`` (OpenVINO IR); else None."""
+def coverage_for(path: Path, runtime: str | None = None) -> dict[str, Any] | None:
+    """Coverage of a compiled artifact by its suffix: ``.onnx`` or ``.xml`` (OpenVINO IR); else None.
+    ``runtime`` is the backend that runs an ONNX file (``"onnxruntime"``, ``"tensorrt"``; see onnx_coverage)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return onnx_coverage(path)
+        return onnx_coverage(path, runtime)
     if suffix == ".xml":
         return openvino_coverage(path)
     return None
