@@ -65,7 +65,7 @@ def assemble(ctx: BuildContext, plan: TargetPlan, built: Built, staging: Path) -
         indent=2) + "\n")
     (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     stages = [s.to_json() for s in ctx.stages] + [s.to_json() for s in compiled.lineage]
-    coverage, coverage_warnings = _coverage(compiled)
+    coverage, coverage_warnings = _coverage(compiled, backend.name)
     toolchain = dict(ctx.toolchain)
     profile_dump = profile.model_dump(mode="json")
     return Manifest(
@@ -100,13 +100,14 @@ def _color(pre: dict[str, Any]) -> str:
     return {"gray": "grayscale (HxW or HxWx1; RGB is converted)", "bgr": "BGR"}.get(pre.get("color", "rgb"), "RGB")
 
 
-def _coverage(compiled: ModelArtifact) -> tuple[dict[str, Any] | None, list[str]]:
-    """What really runs in INT8 (ONNX QDQ and OpenVINO IR; TFLite has its float-op report), and a warning
-    when the declared precision is not what most of the model runs in. None for a float build."""
+def _coverage(compiled: ModelArtifact, runtime: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """What really runs in INT8 (ONNX QDQ and OpenVINO IR; TFLite has its float-op report) on ``runtime``
+    (the backend's name: ONNX Runtime fuses a QDQ op only in some patterns, TensorRT in others), and a
+    warning when the declared precision is not what most of the model runs in. None for a float build."""
     if compiled.precision in ("fp32", "fp16"):
         return None, []
     try:
-        cov = coverage_for(compiled.path)
+        cov = coverage_for(compiled.path, runtime=runtime)
     except Exception as e:  # noqa: BLE001 - a report must never fail a build
         return {"error": f"coverage could not be computed: {type(e).__name__}: {e}"}, []
     if cov is None:
