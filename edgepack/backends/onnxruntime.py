@@ -72,8 +72,10 @@ class ONNXRuntimeBackend(Backend):
     # the recovery methods behind it, for what was measured elsewhere as a marginal change
     calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy")
     # INT8 recovery the accuracy search tries before it keeps any layer in float (quantization.recipe):
-    # bias-correction: NNCF's ONNX backend with its full bias correction (quantize_qdq.quantize_nncf)
-    recovery_methods: ClassVar[tuple[str, ...]] = ("bias-correction",)
+    # bias-correction: NNCF's ONNX backend with its full bias correction (quantize_qdq.quantize_nncf);
+    # dynamic (transformers only): ONNX Runtime's dynamic quantization, activation scales from each call's
+    # own range (quantize_qdq.quantize_dynamic), where one static range per tensor loses too much
+    recovery_methods: ClassVar[tuple[str, ...]] = ("bias-correction", "dynamic")
 
     class Options(Backend.Options):
         quant_format: Literal["qdq"] = "qdq"
@@ -119,6 +121,11 @@ class ONNXRuntimeBackend(Backend):
                                                 symmetric_activations=qc.symmetric_activations,
                                                 exclude=qc.keep_float, transformer=transformer,
                                                 method=qc.calibration_method)
+        elif qc.recipe == "dynamic":
+            if not transformer:  # CNNs would run ConvInteger, slower than static INT8 on ONNX Runtime's CPU kernels
+                raise ToolchainError("the dynamic recipe is for transformer models (their MatMuls); this model's "
+                                     "convolutions stay with static INT8", hint="the search goes on without it")
+            recipe = quantize_qdq.quantize_dynamic(src, out, workdir, exclude=qc.keep_float)
         elif qc.recipe != "default":
             raise ToolchainError(f"the onnxruntime backend has no INT8 recipe '{qc.recipe}'",
                                  hint=f"known: default, {', '.join(self.recovery_methods)}")
@@ -134,5 +141,9 @@ class ONNXRuntimeBackend(Backend):
                "calibration_method": qc.calibration_method, "calibration_samples": len(calibration),
                "calibration_fingerprint": calibration.fingerprint,
                "quantized_op_types": op_types or "all ops ONNX Runtime quantizes"}
+        if qc.recipe == "dynamic":  # no QDQ, no calibration: integer ops, activations quantized per call
+            cfg = {k: v for k, v in cfg.items() if not k.startswith(("calibration", "symmetric", "per_channel"))}
+            cfg.update(format="integer ops (dynamic)", activations=recipe["activations_at_run_time"],
+                       quantized_op_types="all ops ONNX Runtime quantizes dynamically")
         return model.derive("compile", cfg, started, path=out, files=tuple(quantize_qdq.model_files(out)),
                             precision="int8")

@@ -96,6 +96,27 @@ def quantize(src: Path, out: Path, calibration: Any, method: str, workdir: Path,
     return table
 
 
+def quantize_dynamic(src: Path, out: Path, workdir: Path, *, exclude: list[str] | None = None) -> dict[str, Any]:
+    """ONNX Runtime's dynamic quantization of ``src`` into ``out``: INT8 weights (one scale per tensor), and
+    each call's activations quantized to UINT8 from their own range at run time, so the weighted ops run
+    as integer MatMuls (MatMulInteger / DynamicQuantizeMatMul) with no calibration ranges at all. ONNX
+    Runtime's documented route for transformers, whose activation ranges vary too much per input for one
+    static scale. ``exclude`` names nodes kept in float."""
+    from onnxruntime import quantization as q
+
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            q.quantize_dynamic(str(src), str(out), weight_type=q.QuantType.QInt8,
+                               nodes_to_exclude=list(exclude or []), use_external_data_format=_needs_external_data(src))
+    except Exception as e:
+        (workdir / "quantize.log").write_text(log.getvalue() + f"\n{type(e).__name__}: {e}\n")
+        raise ToolchainError(f"ONNX Runtime dynamic quantization failed: {e}",
+                             hint=f"its log is kept in {workdir / 'quantize.log'}") from e
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "activations_at_run_time": "uint8, each call's own range",
+            "weights": "int8, per tensor"}
+
+
 def quantize_nncf(src: Path, out: Path, calibration: Any, workdir: Path, *, activation_type: str = "int8",
                   symmetric_activations: bool = True, exclude: list[str] | None = None, transformer: bool = False,
                   method: str = "minmax") -> dict[str, Any]:

@@ -82,3 +82,42 @@ def test_output_views_only_when_a_gemm_writes_an_output():
     add = model("Add")  # no Gemm/MatMul writes an output: nothing ONNX Runtime would leave in float
     before = add.SerializeToString()
     assert not _output_views(add) and add.SerializeToString() == before
+
+
+def test_the_dynamic_recipe_runs_a_transformers_matmuls_as_integer_ops_and_skips_cnns(tmp_path):
+    """`dynamic` (ONNX Runtime's quantize_dynamic): a transformer's weighted MatMuls become integer ops with
+    no float MatMul left and its outputs stay close to FP32; a conv net is refused with a ToolchainError, so
+    the search records it and goes on to static INT8 with layers in float."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from edgepack.artifact import TensorSpec
+    from edgepack.backends import get_backend
+    from edgepack.calibration.reader import SampleSet
+    from edgepack.errors import ToolchainError
+    from edgepack.stages.export_onnx import export
+    from edgepack.target import load_target
+
+    backend, profile = get_backend("onnxruntime"), load_target("onnx")
+    variant = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"recipe": "dynamic"})})
+    opts = backend.Options(**profile.backend_options)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).eval()
+    art = export(mlp, [TensorSpec("x", ("batch", 8, 32), "float32")], ["y"], tmp_path / "mlp")
+    art = dataclasses.replace(art, details={**art.details, "model_type": "transformer"})
+    rng = np.random.default_rng(0)
+    data = SampleSet([{"x": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(8)], None, "random")
+    compiled = backend.compile(art, variant, opts, data, tmp_path / "out")
+    cfg = compiled.lineage[-1].config
+    assert cfg["tool"] == "onnxruntime.quantization.quantize_dynamic" and "calibration_method" not in cfg
+    ops = _ort_optimized_ops(compiled.path, tmp_path)
+    assert "MatMul" not in ops and "Gemm" not in ops
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") for op in ops) == 2
+    fp32, int8 = backend.load(art.path, 1), backend.load(compiled.path, 1)
+    for s in data:
+        a, b = fp32.run(s)[0], int8.run(s)[0]
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+    with pytest.raises(ToolchainError, match="transformer"):
+        backend.compile(tiny_onnx(tmp_path / "cnn"), variant, opts, samples(4), tmp_path / "cnn-out")
