@@ -63,3 +63,33 @@ def test_single_measurements_record_their_noise():
     assert set(noise) >= {"load_per_cpu_before", "load_per_cpu_after", "cpu_steal_pct", "others_cpu_share",
                           "block_median_spread", "noisy"}
     assert noise["noisy"] == (noise["block_median_spread"] > noise["limit"] or (noise["others_cpu_share"] or 0) > 0.25)
+
+
+class Clocked:
+    """A model whose every call takes ``ms`` on a fake clock: calls are counted, no time passes."""
+
+    def __init__(self, clock: list[float], ms: float):
+        self.clock, self.ms, self.calls = clock, ms, 0
+
+    def run(self, feeds):
+        self.calls += 1
+        self.clock[0] += self.ms / 1e3
+        return []
+
+
+def test_only_fast_models_get_an_untimed_call_before_each_block(monkeypatch):
+    from edgepack.measure import latency
+
+    clock = [0.0]
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+    slow, fast = Clocked(clock, 12.0), Clocked(clock, 0.5)
+    res, noise = measure_in_turn({"slow": slow, "fast": fast}, SAMPLE, 10, 0, 600.0, 1, rounds=12)
+    block = latency.MIN_BLOCK  # the slow model's 12 ms sets the block: BLOCK_MS / 12 rounds up below the minimum
+    rounds = 12 * noise["tries"]
+    assert res["slow"]["how"]["runs"] == res["fast"]["how"]["runs"] == 12 * block
+    assert res["slow"]["p50_ms"] == 12.0 and res["fast"]["p50_ms"] == 0.5
+    # probe calls count as warm-up; then each round: the block, plus one untimed call for the fast model only
+    assert slow.calls == 10 + rounds * block
+    assert fast.calls == 10 + rounds * (block + 1)
+    assert "no untimed call first" in res["slow"]["how"]["interleaved"]
+    assert "after one untimed call" in res["fast"]["how"]["interleaved"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import numpy as np
 
@@ -89,12 +90,14 @@ def _batch(sample: dict[str, np.ndarray]) -> int:
 
 
 def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
-                        max_seconds: float, threads: int, block: int = 20, warmed: int = 0) -> dict[str, dict]:
+                        max_seconds: float, threads: int, block: int = 20, warmed: int = 0,
+                        rewarm: Collection[str] | None = None) -> dict[str, dict]:
     """Several models timed in turn, ``block`` calls each per round (after one untimed call that warms
-    the caches back up), the order alternating between rounds, until each has ``runs`` timed calls or
-    ``max_seconds`` have passed: the load of a shared host then falls on all of them alike, for ratios
-    between models (pruned vs unpruned) measured in one run. ``warmup`` untimed calls per model come
-    first, ``warmed`` of them already made by the caller on these very runners and input."""
+    the caches back up: for the models named in ``rewarm``, all of them when None), the order
+    alternating between rounds, until each has ``runs`` timed calls or ``max_seconds`` have passed: the
+    load of a shared host then falls on all of them alike, for ratios between models (pruned vs
+    unpruned) measured in one run. ``warmup`` untimed calls per model come first, ``warmed`` of them
+    already made by the caller on these very runners and input."""
     calls = {name: _call_of(r, sample) for name, r in runners.items()}
     for _ in range(max(0, warmup - warmed)):
         for feeds, call, _ in calls.values():
@@ -106,7 +109,8 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
     while min(len(t) for t in times.values()) < runs:
         order = list(calls.items()) if rnd % 2 == 0 else list(calls.items())[::-1]  # neither always goes first
         for name, (feeds, call, _) in order:
-            call(feeds)
+            if rewarm is None or name in rewarm:
+                call(feeds)
             start = len(times[name])
             for _ in range(min(block, runs - len(times[name]))):
                 t0 = time.perf_counter()
@@ -121,26 +125,34 @@ def measure_interleaved(runners: dict[str, object], sample: dict[str, np.ndarray
     return {name: _stats(times[name], batch, {
         **_how(warmup, len(times[name]), runs, max_seconds, threads, batch, calls[name][2]),
         "interleaved": f"in turn with {', '.join(n for n in calls if n != name)}: {rnd} rounds of up to {block} "
-                       "calls each (after one untimed call), the order alternating"})
+                       "calls each" + (" (after one untimed call)" if rewarm is None or name in rewarm else
+                                       f" (no untimed call first: {REWARM_BELOW_MS:g} ms or more per call)")
+                       + ", the order alternating"})
         | {"round_medians_ms": [round(v, 5) for v in rounds[name]]} for name in calls}
 
 
 PROBE_CALLS = 6  # calls per model that _block_for makes (1 + 5): they count as warm-up
 BLOCK_MS = 25.0  # a block of calls long enough that timer and scheduler jitter average out
-MIN_BLOCK = 5    # a model slower than 5 ms still gets a median of 5 calls per block
+MIN_BLOCK = 4    # a model slower than 6 ms still gets a median of 4 calls per block
+# A model this slow per call gets no untimed call before each block: the call after another model's
+# block is no slower (ResNet-50 on 2 threads: the first call of a block over the median of the rest,
+# 1.001 FP32 on ONNX Runtime at 45 ms, 1.002 INT8 on OpenVINO at 12 ms, 1.008 FP32 on OpenVINO at 42 ms).
+REWARM_BELOW_MS = 5.0
 
 
-def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> int:
-    """Calls per block: about BLOCK_MS of the slowest model's calls, between MIN_BLOCK and 10000."""
-    slowest = 0.0
-    for r in runners.values():
+def _block_for(runners: dict[str, object], sample: dict[str, np.ndarray]) -> tuple[int, dict[str, float]]:
+    """Calls per block (about BLOCK_MS of the slowest model's calls, between MIN_BLOCK and 10000) and
+    each model's mean call in ms over the probe's calls."""
+    per_call = {}
+    for name, r in runners.items():
         feeds, call, _ = _call_of(r, sample)
         call(feeds)
         t0 = time.perf_counter()
         for _ in range(PROBE_CALLS - 1):
             call(feeds)
-        slowest = max(slowest, (time.perf_counter() - t0) * 1e3 / (PROBE_CALLS - 1))
-    return int(min(10000, max(MIN_BLOCK, np.ceil(BLOCK_MS / max(slowest, 1e-4)))))
+        per_call[name] = (time.perf_counter() - t0) * 1e3 / (PROBE_CALLS - 1)
+    slowest = max(per_call.values(), default=0.0)
+    return int(min(10000, max(MIN_BLOCK, np.ceil(BLOCK_MS / max(slowest, 1e-4))))), per_call
 
 
 def measure_in_turn(runners: dict[str, object], sample: dict[str, np.ndarray], warmup: int, runs: int,
@@ -151,14 +163,15 @@ def measure_in_turn(runners: dict[str, object], sample: dict[str, np.ndarray], w
     the measurement is repeated, up to ``tries`` times, and the last one is flagged noisy if it never
     settles. Returns (stats per model, the noise record)."""
     base = next(iter(runners))
-    block = _block_for(runners, sample)
+    block, per_call = _block_for(runners, sample)
+    rewarm = {name for name, ms in per_call.items() if ms < REWARM_BELOW_MS}
     runs = max(runs, rounds * block)  # a dozen rounds at least: the spread of their ratios needs them
     checks = []
     for attempt in range(1, tries + 1):
         watch = LoadWatch()
         # the block sizing's calls warmed every model up (and from the second window on, the last window)
         res = measure_interleaved(runners, sample, warmup, runs, max_seconds, threads, block,
-                                  warmed=PROBE_CALLS if attempt == 1 else warmup)
+                                  warmed=PROBE_CALLS if attempt == 1 else warmup, rewarm=rewarm)
         spreads = {}
         for name in runners:
             if name == base:

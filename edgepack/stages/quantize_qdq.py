@@ -125,6 +125,9 @@ def quantize_nncf(src: Path, out: Path, calibration: Any, workdir: Path, *, acti
     and 8-bit weights on the first layer too (no 7-bit overflow fix). ``exclude`` names nodes kept in float.
     Asymmetric uint8 activations (the ``onnx`` profile) map to NNCF's mixed preset (asymmetric activations,
     symmetric per-channel int8 weights), symmetric ones to its performance preset. Returns what was set."""
+    from edgepack.backends.openvino import quiet_usage_telemetry
+
+    quiet_usage_telemetry()
     try:
         import nncf
         import onnx
