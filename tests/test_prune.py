@@ -263,3 +263,31 @@ def test_interleaved_timing_alternates_blocks_and_counts_every_model():
     assert timed[:21] == ["a"] * 21 and timed[21:42] == ["b"] * 21 and timed[42:63] == ["b"] * 21
     assert timed[63:84] == ["a"] * 21 and timed[84:90] == ["a"] * 6 and timed[90:] == ["b"] * 6
     assert "in turn with b" in lat["a"]["how"]["interleaved"]
+
+
+def test_the_latency_effect_is_the_bundled_models_when_the_precision_choice_picks_fp32(trained_project, tmp_path,
+                                                                                         monkeypatch):
+    """The pruning's measured effect must describe what ships: when the precision choice swaps the INT8
+    build for FP32, the pruned side of the timing is measured again on the FP32 model."""
+    import shutil
+
+    from edgepack.api import build
+    from edgepack.build import choice
+
+    root = tmp_path / "proj"
+    shutil.copytree(trained_project, root)
+    (root / "edgepack.yaml").write_text((root / "edgepack.yaml").read_text() + STRUCTURED.replace("epochs: 3", "epochs: 1"))
+    edit_yaml(root, "precision: int8\n", "")  # the profile's choice, not a forced precision
+    monkeypatch.setattr(choice, "gain", lambda in_turn: 0.5)  # INT8 "slower than FP32": the choice runs
+    monkeypatch.setattr(choice, "_pick", lambda rows, objective: ("fp32", "int8", "picked by the test"))
+    stages: list[str] = []
+    [res] = build(root, ["onnx"], root / "dist", progress=lambda name, state, secs, detail: stages.append((name, state)))
+    m = res.manifest
+    assert m.precision_choice["chosen"] == "fp32" and m.runtime.precision == "fp32", (m.precision_choice, m.runtime)
+    eff = m.prune["latency_effect"]
+    assert eff["precision"] == "int8" and eff["pruned_precision"] == "fp32"
+    assert eff["pruned_p50_ms"] > 0 and eff["measured_in_same_run"]
+    # timed twice (INT8, then the FP32 that ships), the unpruned model compiled once
+    assert [s for s in stages if s == ("measure unpruned onnx", "done")] == [("measure unpruned onnx", "done")] * 2
+    out = CliRunner().invoke(app, ["inspect", str(res.bundle)])
+    assert "int8 unpruned vs fp32 pruned: p50 unpruned" in out.output, out.output

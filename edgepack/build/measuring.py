@@ -218,12 +218,12 @@ def in_turn(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Mo
     return out, in_turn_latency(lat["fp32 reference"]), compiled_latency
 
 
-def unpruned_latency(ctx: BuildContext, backend: Backend, options: Any, profile: TargetProfile,
-                     art: ModelArtifact, workdir: Path, threads: int, pruned_path: Path) -> dict[str, Any]:
-    """The unpruned model compiled for the same target (plain, no tuning) and timed turn about with the
-    pruned one, so that a shared host's load falls on both alike."""
-    compiled = backend.compile(art, profile, options, ctx.calibration, workdir)
-    unpruned, proxy = backend.host_runner(compiled.path, threads)
+def unpruned_latency(ctx: BuildContext, backend: Backend, profile: TargetProfile, unpruned_path: Path,
+                     threads: int, pruned_path: Path, pruned_precision: str) -> dict[str, Any]:
+    """The unpruned model compiled for the same target (plain, no tuning, the profile's precision) timed
+    turn about with the pruned one as bundled (``pruned_precision``: FP32 when the precision choice
+    picked it), so that a shared host's load falls on both alike."""
+    unpruned, proxy = backend.host_runner(unpruned_path, threads)
     pruned, _ = backend.host_runner(pruned_path, threads)
     m = profile.measurement
     # many more runs than a bundle's own figure: a ratio of two p50s needs both steady
@@ -232,7 +232,8 @@ def unpruned_latency(ctx: BuildContext, backend: Backend, options: Any, profile:
     u, p = lat["unpruned"]["p50_ms"], lat["pruned"]["p50_ms"]
     return {"unpruned_p50_ms": u, "pruned_p50_ms": p, "speedup_p50": round(u / p, 3),
             "unpruned_p90_ms": lat["unpruned"]["p90_ms"], "pruned_p90_ms": lat["pruned"]["p90_ms"],
-            "precision": profile.precision, "runs": lat["pruned"]["how"]["runs"], "threads": threads,
+            "precision": profile.precision, "pruned_precision": pruned_precision,
+            "runs": lat["pruned"]["how"]["runs"], "threads": threads,
             "how": "both compiled for the target and timed in turn in one session, after the bundle's own "
                    "measurement: " + lat["pruned"]["how"]["interleaved"] + "; timed: " + lat["pruned"]["how"]["timed"],
             "where": "host proxy" if proxy else "host, the target's runtime", "measured_in_same_run": True}

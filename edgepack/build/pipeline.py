@@ -159,6 +159,7 @@ class Job:
     staging: Path
     threads: int
     prune: dict[str, Any] | None = None
+    unpruned: ModelArtifact | None = None  # the unpruned model compiled for the target (plain), once
 
     def measure(self, chosen: Trial, tuning: dict[str, Any] | None, why: str | None = None) -> Built:
         ctx, threads = self.ctx, self.threads
@@ -172,12 +173,15 @@ class Job:
             measured.accuracy = self.trials.score(outputs)
             st.detail = f"{ctx.metric} {measured.accuracy.value:.2f}" + (
                 f", p50 {measured.latency.p50_ms:.3f} ms" if measured.proxy else ", timed next in turn with fp32")
-        if ctx.prune is not None and self.prune is None:
+        if ctx.prune is not None:  # again for another precision: the effect is the bundled model's
             settle_probes(ctx)  # no memory probe runs while the two are timed
             with Stage(progress, f"measure unpruned {profile.name}") as st:
-                unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
-                effect = unpruned_latency(ctx, backend, options, profile, unpruned_src, self.workdir / "unpruned",
-                                          threads, compiled.path)
+                if self.unpruned is None:
+                    unpruned_src = compile_source(ctx, profile, backend, options, art, "unpruned")
+                    self.unpruned = backend.compile(unpruned_src, profile, options, ctx.calibration,
+                                                    self.workdir / "unpruned")
+                effect = unpruned_latency(ctx, backend, profile, self.unpruned.path, threads, compiled.path,
+                                          compiled.precision)
                 st.detail = f"p50 {effect['unpruned_p50_ms']:.3f} ms -> pruned {effect['pruned_p50_ms']:.3f} ms"
             self.prune = {**ctx.prune, "latency_effect": effect}
         fp32_target = None

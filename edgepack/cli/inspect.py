@@ -174,7 +174,9 @@ def prune_lines(p: dict) -> list[str]:
         lines.append(f"  fp32 {a['metric']}: before {a['before_pruning']:.2f}, pruned {a['after_pruning']:.2f}{rec}")
     e = p.get("latency_effect")
     if e:
-        lines.append(f"  {e['precision']} p50 unpruned {e['unpruned_p50_ms']:.3f} ms -> pruned {e['pruned_p50_ms']:.3f} ms "
+        pruned = e.get("pruned_precision", e["precision"])
+        what = e["precision"] if pruned == e["precision"] else f"{e['precision']} unpruned vs {pruned} pruned:"
+        lines.append(f"  {what} p50 unpruned {e['unpruned_p50_ms']:.3f} ms -> pruned {e['pruned_p50_ms']:.3f} ms "
                      f"({e['speedup_p50']:.2f}x, {e['where']}, timed in turn)")
     return lines + latency_search_lines(p.get("latency_search"))
 
