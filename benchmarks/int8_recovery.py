@@ -19,7 +19,11 @@ said to be undecided), and ends with a verdict per target: chosen vs the best pe
 then the fastest), accuracy and p50 ratio from the same in-turn window. Prints a markdown table per model.
 
     python benchmarks/int8_recovery.py [--text] [--threads 2] [--skip-fashion] [--skip-efficientnet]
-        [--stop-at-chosen] [--eval-limit N]
+        [--stop-at-chosen] [--eval-limit N] [--quark-python VENV/bin/python [--quark-iterations 50]
+        [--quark-samples 300]]
+
+With ``--quark-python``, AMD Quark's AdaRound (learned rounding, in its own venv: benchmarks/quark_adaround.py)
+is one more peer row, in the ``onnx`` profile's format (U8S8, per-channel weights).
 """
 
 from __future__ import annotations
@@ -90,6 +94,24 @@ def by_hand_ort_dynamic(onnx_path: Path, out: Path) -> Path:
     return out
 
 
+def by_hand_quark_adaround(python: str, onnx_path: Path, calibration, out: Path, iterations: int,
+                           samples: int) -> Path:
+    """AMD Quark AdaRound (learned rounding) in its own environment: ``python`` is that venv's interpreter
+    (see benchmarks/quark_adaround.py); the calibration samples are handed over as one .npz."""
+    import subprocess
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.parent / "calibration.npz"
+    names = list(next(iter(calibration)).keys())
+    np.savez(data, **{k: np.concatenate([np.asarray(s[k]) for s in calibration]) for k in names})
+    cmd = [python, str(ROOT / "benchmarks" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
+           "--iterations", str(iterations), "--samples", str(samples)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
+    return out
+
+
 def agreement(outputs, reference) -> tuple[float, float]:
     agree, cos = 0, []
     for o, r in zip(outputs, reference):
@@ -100,7 +122,7 @@ def agreement(outputs, reference) -> tuple[float, float]:
 
 
 def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_chosen: bool = False,
-             eval_limit: int | None = None) -> list[dict]:
+             eval_limit: int | None = None, quark: dict | None = None) -> list[dict]:
     from edgepack.backends import get_backend
     from edgepack.build.search import accuracy_budget
     from edgepack.calibration.reader import SampleSet
@@ -145,6 +167,11 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
     (work / "ortq").mkdir(exist_ok=True)
     add("peer: ORT quantize_static U8S8 per-channel", lambda: by_hand_ort(art.path, cal, work / "ortq" / "m.onnx"),
         lambda p: ort_backend.load(p, threads))
+    if quark is not None:
+        add(f"peer: AMD Quark AdaRound ({quark['iterations']} iterations, {min(quark['samples'], len(cal))} samples)",
+            lambda: by_hand_quark_adaround(quark["python"], art.path, cal, work / "quark" / "m.onnx",
+                                           quark["iterations"], quark["samples"]),
+            lambda p: ort_backend.load(p, threads))
     if "input_ids" in ev.samples[0]:  # a transformer: each peer's documented setting for one, too
         add("peer: OpenVINO + nncf.quantize model_type=TRANSFORMER",
             lambda: by_hand_nncf(art.path, cal, work / "nncf-t" / "m.xml", transformer=True),
@@ -256,7 +283,14 @@ def main() -> None:
                     help="per target, skip the recovery methods after the first one that meets the budget (the "
                          "search never builds them)")
     ap.add_argument("--eval-limit", type=int, default=None, help="score on the first N evaluation samples only")
+    ap.add_argument("--quark-python", default=None,
+                    help="the interpreter of a venv with amd-quark and torch: adds AMD Quark AdaRound as a peer row "
+                         "(see benchmarks/quark_adaround.py)")
+    ap.add_argument("--quark-iterations", type=int, default=50)
+    ap.add_argument("--quark-samples", type=int, default=300)
     args = ap.parse_args()
+    quark = None if args.quark_python is None else {
+        "python": args.quark_python, "iterations": args.quark_iterations, "samples": args.quark_samples}
     names = [n for n in PROJECTS if not (n == "minilm sentiment" and not args.text)
              and not (n == "fashion-mnist cnn" and args.skip_fashion)
              and not (n == "efficientnet-lite0" and args.skip_efficientnet)]
@@ -264,7 +298,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="edgepack-int8-recovery-"))
         try:
             print(table(name, rows_for(name, PROJECTS[name], args.threads, work, args.stop_at_chosen,
-                                       args.eval_limit)), flush=True)
+                                       args.eval_limit, quark)), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
