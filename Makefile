@@ -4,7 +4,8 @@
 #   make example-efficientnet  pretrained EfficientNet-Lite0, `cpu` and `onnx`
 #   make test                  set up, run the test suite (without the `slow` tests)
 #   make test-slow             the `slow` tests: both examples above end to end
-#   make toolchains            the isolated onnx2tf environment (ONNX -> TFLite; its test skips without it)
+#   make toolchains            the isolated onnx2tf (ONNX -> TFLite) and quark (AdaRound) environments;
+#                              their tests skip without them
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -52,10 +53,13 @@ test: setup
 test-slow: example-deps
 	$(BIN)/python -m pytest -m slow
 
-# onnx2tf pins TensorFlow 2.19 and numpy<2: it gets its own environment (~1.5 GB), made once
+# onnx2tf pins TensorFlow 2.19 and numpy<2, amd-quark pins onnx<=1.22: each gets its own environment
+# (~1.5 GB and ~1.8 GB), made once
 toolchains: setup
-	$(BIN)/python -c "import sys; from edgepack.toolchains import executable; sys.exit(executable('onnx2tf') is None)" \
-	  || $(BIN)/edgepack toolchain install onnx2tf
+	for t in onnx2tf quark; do \
+	  $(BIN)/python -c "import sys; from edgepack.toolchains import executable; sys.exit(executable('$$t') is None)" \
+	    || $(BIN)/edgepack toolchain install $$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) examples/*/dist examples/*/data examples/*/weights.pt examples/*/model

@@ -19,11 +19,14 @@ said to be undecided), and ends with a verdict per target: chosen vs the best pe
 then the fastest), accuracy and p50 ratio from the same in-turn window. Prints a markdown table per model.
 
     python benchmarks/int8_recovery.py [--text] [--threads 2] [--skip-fashion] [--skip-efficientnet]
-        [--stop-at-chosen] [--eval-limit N] [--quark-python VENV/bin/python [--quark-iterations 50]
-        [--quark-samples 300]]
+        [--stop-at-chosen] [--eval-limit N] [--quark-python VENV/bin/python | --no-quark]
+        [--quark-iterations 50] [--quark-samples 300]
 
-With ``--quark-python``, AMD Quark's AdaRound (learned rounding, in its own venv: benchmarks/quark_adaround.py)
-is one more peer row, in the ``onnx`` profile's format (U8S8, per-channel weights).
+AMD Quark's AdaRound (learned rounding) by hand is one more peer row, in the ``onnx`` profile's format
+(U8S8, per-channel weights), when the ``quark`` toolchain is installed (``edgepack toolchain install quark``)
+or ``--quark-python`` names another venv's interpreter with amd-quark and torch; it runs
+edgepack/stages/quark_adaround.py there, the script the ``onnx`` target's ``adaround`` recipe runs too (with
+the benchmark's own sample count and iterations). ``--no-quark`` leaves the row out.
 """
 
 from __future__ import annotations
@@ -97,14 +100,14 @@ def by_hand_ort_dynamic(onnx_path: Path, out: Path) -> Path:
 def by_hand_quark_adaround(python: str, onnx_path: Path, calibration, out: Path, iterations: int,
                            samples: int) -> Path:
     """AMD Quark AdaRound (learned rounding) in its own environment: ``python`` is that venv's interpreter
-    (see benchmarks/quark_adaround.py); the calibration samples are handed over as one .npz."""
+    (see edgepack/stages/quark_adaround.py); the calibration samples are handed over as one .npz."""
     import subprocess
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = out.parent / "calibration.npz"
     names = list(next(iter(calibration)).keys())
     np.savez(data, **{k: np.concatenate([np.asarray(s[k]) for s in calibration]) for k in names})
-    cmd = [python, str(ROOT / "benchmarks" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
+    cmd = [python, str(ROOT / "edgepack" / "stages" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
            "--iterations", str(iterations), "--samples", str(samples)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -284,13 +287,17 @@ def main() -> None:
                          "search never builds them)")
     ap.add_argument("--eval-limit", type=int, default=None, help="score on the first N evaluation samples only")
     ap.add_argument("--quark-python", default=None,
-                    help="the interpreter of a venv with amd-quark and torch: adds AMD Quark AdaRound as a peer row "
-                         "(see benchmarks/quark_adaround.py)")
+                    help="the interpreter of a venv with amd-quark and torch for the AMD Quark AdaRound peer row "
+                         "(default: the quark toolchain's, when installed)")
+    ap.add_argument("--no-quark", action="store_true", help="leave the AMD Quark AdaRound peer row out")
     ap.add_argument("--quark-iterations", type=int, default=50)
     ap.add_argument("--quark-samples", type=int, default=300)
     args = ap.parse_args()
-    quark = None if args.quark_python is None else {
-        "python": args.quark_python, "iterations": args.quark_iterations, "samples": args.quark_samples}
+    from edgepack.toolchains import executable
+
+    python = None if args.no_quark else args.quark_python or executable("quark")
+    quark = None if python is None else {
+        "python": str(python), "iterations": args.quark_iterations, "samples": args.quark_samples}
     names = [n for n in PROJECTS if not (n == "minilm sentiment" and not args.text)
              and not (n == "fashion-mnist cnn" and args.skip_fashion)
              and not (n == "efficientnet-lite0" and args.skip_efficientnet)]

@@ -187,3 +187,114 @@ def test_the_all_samples_recipes_compile_and_record_their_nncf_settings(recipe, 
     assert cfg["recipe"] == recipe and cfg["fast_bias_correction"] is False and cfg["bias_correction_samples"] == 16
     want = "MEDIAN_MINMAX" if recipe.endswith("median-ranges") else "nncf's defaults"
     assert want in cfg["range_estimator"]
+
+
+def _recipe_variant(profile, recipe: str, keep_float=()):
+    return profile.model_copy(update={"quantization": profile.quantization.model_copy(
+        update={"recipe": recipe, "keep_float": list(keep_float)})})
+
+
+def test_the_onnx_ladder_tries_learned_rounding_last_after_the_cheaper_methods():
+    from edgepack.backends.onnxruntime import ONNXRuntimeBackend
+
+    assert ONNXRuntimeBackend.recovery_methods == ("bias-correction", "dynamic", "adaround")
+    with pytest.raises(Exception, match="adaround_samples"):
+        ONNXRuntimeBackend.Options(adaround_samples=0)
+
+
+def test_adaround_without_the_quark_toolchain_is_a_step_the_search_skips(tmp_path, monkeypatch):
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGEPACK_QUARK_PYTHON", raising=False)
+    backend, profile = get_backend("onnxruntime"), load_target("onnx")
+    art = tiny_onnx(tmp_path / "m")
+    # a ToolchainError (not a missing dependency that ends the build): the search records it and goes on
+    with pytest.raises(ToolchainError, match="needs the quark toolchain") as info:
+        backend.compile(art, _recipe_variant(profile, "adaround"), backend.Options(), samples(8), tmp_path / "out")
+    assert "edgepack toolchain install quark" in info.value.hint and "EDGEPACK_QUARK_PYTHON" in info.value.hint
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    monkeypatch.setenv("EDGEPACK_QUARK_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(ToolchainError, match="needs the quark toolchain"):
+        backend.compile(art, _recipe_variant(profile, "adaround"), backend.Options(), samples(8), tmp_path / "out")
+
+
+def _needs_quark():
+    from edgepack.toolchains import executable
+
+    if executable("quark") is None:
+        pytest.skip("the quark toolchain is not installed (`edgepack toolchain install quark`)")
+
+
+def _weights(model) -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
+    """Each Conv/Gemm's weight: (array, scale or None when float, axis of the scale) by node name."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
+        dq = producers.get(n.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            found[n.name] = (inits[dq.input[0]], inits[dq.input[1]], axis)
+        else:
+            found[n.name] = (inits[n.input[1]], None, 0)
+    return found
+
+
+def test_adaround_learns_each_weights_rounding_and_keeps_the_named_layers_in_float(tmp_path):
+    _needs_quark()
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    backend, profile = get_backend("onnxruntime"), load_target("onnx")
+    art, data = tiny_onnx(tmp_path / "m"), samples(16)
+    options = backend.Options(adaround_samples=8, adaround_iterations=40)
+    compiled = backend.compile(art, _recipe_variant(profile, "adaround"), options, data, tmp_path / "out")
+    cfg = compiled.lineage[-1].config
+    assert cfg["recipe"] == "adaround" and cfg["adaround_samples"] == 8 and cfg["adaround_iterations"] == 40
+    assert cfg["tool"].startswith("AMD Quark AdaRound") and cfg["activations"] == "uint8"
+    fp32 = _weights(onnx.load(str(art.path)))
+    learned = _weights(onnx.load(str(compiled.path)))
+    assert set(learned) == set(fp32) and all(s is not None for _, s, _ in learned.values())  # every layer INT8
+    moved = 0
+    for name, (q, scale, axis) in learned.items():
+        w = fp32[name][0]
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        exact = w / np.asarray(scale).reshape(shape)
+        assert q.dtype == np.int8 and np.all(np.abs(q - exact) < 1.0 + 1e-4)  # rounded down or up, never further
+        moved += int(np.sum(q != np.clip(np.round(exact), -127, 127)))
+    assert moved > 0  # some weights took the other rounding than nearest: the rounding was learned
+    ref = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    runner = backend.load(compiled.path, 1)
+    for s in list(data)[:4]:
+        got, want = runner.run(s)[0], ref.run(None, s)[0]
+        assert np.abs(got - want).max() <= 0.25 * (np.abs(want).max() + 1e-6)
+    # a layer the search keeps in float stays float; the others are still learned INT8
+    kept = backend.compile(art, _recipe_variant(profile, "adaround", ["node_conv2d"]), options, data, tmp_path / "kept")
+    weights = _weights(onnx.load(str(kept.path)))
+    assert weights["node_conv2d"][1] is None and weights["node_conv2d_1"][1] is not None
+    assert kept.lineage[-1].config["kept_in_float"] == ["node_conv2d"]
+
+
+def test_adaround_past_its_time_bound_stops_and_leaves_no_model(tmp_path):
+    _needs_quark()
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    backend, profile = get_backend("onnxruntime"), load_target("onnx")
+    art = tiny_onnx(tmp_path / "m")
+    options = backend.Options(adaround_timeout_s=0.2)  # Quark's own import takes longer than this
+    with pytest.raises(ToolchainError, match="did not finish within 0.2 s") as info:
+        backend.compile(art, _recipe_variant(profile, "adaround"), options, samples(8), tmp_path / "out")
+    assert "adaround_samples" in info.value.hint and (tmp_path / "out" / "quark.log").is_file()
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert not list((tmp_path / "out").glob("*.npz"))

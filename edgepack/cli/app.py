@@ -53,7 +53,7 @@ app.command("status")(device.status)
 app.add_typer(fleet.app, name="fleet", help="The fleet view: which device runs which version.")
 from edgepack.cli import toolchain as toolchain_cli  # noqa: E402
 
-app.add_typer(toolchain_cli.app, name="toolchain", help="Isolated converter environments (onnx2tf).")
+app.add_typer(toolchain_cli.app, name="toolchain", help="Isolated converter environments (onnx2tf, quark).")
 from edgepack.cli import compare as compare_cli  # noqa: E402
 
 app.command("compare")(compare_cli.compare)

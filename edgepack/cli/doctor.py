@@ -39,11 +39,14 @@ def doctor(format: FormatOpt = Format.human) -> None:
                      "hint": "pip install torch (needed to build from PyTorch models; not for validate)"})
     from edgepack.toolchains import TOOLCHAINS, executable
 
+    when_needed = {"onnx2tf": "only for ONNX sources on tflite targets",
+                   "quark": "optional: the onnx target's adaround recovery is skipped without it"}
+
     for name, spec in TOOLCHAINS.items():
         exe = executable(name)
         rows.append({"backend": f"({name} toolchain)", "role": "build", "ok": exe is not None,
                      "detail": str(exe) if exe else f"not installed: {spec['purpose']}",
-                     "hint": "" if exe else f"edgepack toolchain install {name} (only for ONNX sources)"})
+                     "hint": "" if exe else f"edgepack toolchain install {name} ({when_needed.get(name, 'optional')})"})
     if format == Format.json:
         print_json(rows)
         return

@@ -10,7 +10,7 @@ app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("install")
-def install(name: str = typer.Argument(..., help="The toolchain: onnx2tf (ONNX -> TFLite).")) -> None:
+def install(name: str = typer.Argument(..., help="The toolchain: onnx2tf (ONNX -> TFLite) or quark (AdaRound INT8 rounding).")) -> None:
     """Create the toolchain's own virtual environment (once; it needs the package index)."""
     from edgepack.toolchains import install as run_install
 
