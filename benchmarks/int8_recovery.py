@@ -109,7 +109,8 @@ def by_hand_quark_adaround(python: str, onnx_path: Path, calibration, out: Path,
     np.savez(data, **{k: np.concatenate([np.asarray(s[k]) for s in calibration]) for k in names})
     cmd = [python, str(ROOT / "edgepack" / "stages" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
            "--iterations", str(iterations), "--samples", str(samples)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # cwd: Quark writes a quantized_info.csv into the current folder
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
     if res.returncode != 0:
         raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
     return out

@@ -12,6 +12,12 @@ def apply(pre: dict, image: np.ndarray, hw: tuple[int, int] | None, dtype: str =
 
     ``pre`` is the project's ``preprocess`` block as a dict (the same one ``preprocess.json`` holds).
     """
+    return normalize(pre, geometry(pre, image, hw), dtype)
+
+
+def geometry(pre: dict, image: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
+    """The first half of :func:`apply`: channels and size (HxWxC, still uint8 for uint8 RGB input), the
+    compact form a data set can hold until each sample is read (:func:`normalize` does the rest)."""
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[:, :, None]
@@ -28,15 +34,25 @@ def apply(pre: dict, image: np.ndarray, hw: tuple[int, int] | None, dtype: str =
         img = img[..., ::-1]
     if hw is not None and tuple(img.shape[:2]) != tuple(hw):
         img = _resize(img, hw)
-    x = img.astype(np.float32) * float(pre.get("scale", 1.0))
+    return img
+
+
+def normalize(pre: dict, img: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """The second half of :func:`apply`: scale, mean/std and layout of a :func:`geometry` output."""
+    x = img.astype(np.float32)  # a copy (also of a float image): the steps below work in place on it
+    x *= np.float32(float(pre.get("scale", 1.0)))  # the same float32 product as x * scale, without a new array
     mean = np.asarray(pre.get("mean", [0.0]), np.float32)
     std = np.asarray(pre.get("std", [1.0]), np.float32)
     if mean.size not in (1, x.shape[2]):
         raise CalibrationError(f"preprocess has {mean.size} mean values but the image has {x.shape[2]} channels")
-    x = (x - mean) / std
+    x -= mean
+    if std.size in (1, x.shape[2]):
+        x /= std
+    else:  # numpy broadcasts (or refuses) as it always did; in place it could not
+        x = x / std
     if pre.get("layout", "NCHW") == "NCHW":
         x = x.transpose(2, 0, 1)
-    return np.ascontiguousarray(x.astype(dtype))
+    return np.ascontiguousarray(x).astype(dtype, copy=False)
 
 
 def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -257,3 +257,59 @@ def test_each_model_is_timed_once_per_target(built):
         assert mem.measured and mem.peak_mb > 0 and mem.how["runs"] == RUNS
     stages = built[1]["cpu"].manifest.timings["stages"]
     assert all(s["peak_rss_mb"] >= s["rss_mb"] > 0 for s in stages)
+
+
+def _photo_folder(folder, n: int, size: int = 48):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size + 16, size + 8, 3), dtype=np.uint8)).save(
+            folder / f"c{i % 2}" / f"{i:04d}.png")
+
+
+def test_an_image_set_holds_its_images_and_one_chunk_of_inputs(tmp_path):
+    """Memory bounded by a chunk: the set keeps each photo resized to the model's size in uint8 (a quarter
+    of its float32 input) and makes the inputs when read, at most PreprocessedImages.CHUNK at a time."""
+    import pickle
+
+    from edgepack import preprocess as pp
+    from edgepack.calibration.reader import PreprocessedImages
+
+    n, size = 300, 48
+    _photo_folder(tmp_path / "photos", n, size)
+    spec = [TensorSpec("image", ("batch", 3, size, size), "float32")]
+    pre = {"layout": "NCHW", "scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "color": "rgb"}
+    s = load_samples("photos", tmp_path, spec, pre, None, 0)
+    assert isinstance(s.samples, PreprocessedImages) and len(s) == n and s.labels == [0] * (n // 2) + [1] * (n // 2)
+    held = s.samples.images
+    assert all(im.dtype == np.uint8 and im.shape == (size, size, 3) for im in held)  # resized once, at load
+    one_input = 3 * size * size * 4
+    assert sum(im.nbytes for im in held) == n * one_input // 4
+    # the inputs are what the bundled preprocessing makes of each photo, whenever and however they are read
+    from PIL import Image
+
+    files = sorted((tmp_path / "photos").rglob("*.png"))
+    for i in (0, 31, 32, n - 1):
+        want = pp.apply(pre, np.asarray(Image.open(files[i]).convert("RGB")), (size, size))[None]
+        assert np.array_equal(s.samples[i]["image"], want) and np.array_equal(s.samples[i - n]["image"], want)
+    assert [np.array_equal(a["image"], b["image"]) for a, b in zip(s.samples[5:8], list(s)[5:8])] == [True] * 3
+    with pytest.raises(IndexError):
+        s.samples[n]
+    # reading the whole set (as calibration or an evaluation pass does) holds one chunk of inputs at a time
+    tracemalloc.start()
+    try:
+        total = sum(float(smp["image"].sum()) for smp in s)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == total and peak < (PreprocessedImages.CHUNK + 4) * one_input, peak
+    assert peak < 0.2 * n * one_input  # the old reader held all n inputs as float32
+    # a pickled set (sent to a cluster task) carries the images, not the chunk it made last
+    clone = pickle.loads(pickle.dumps(s.samples))
+    assert clone._chunk is None and np.array_equal(clone[7]["image"], s.samples[7]["image"])
+    # drawing a subset (calibration.samples) keeps it lazy and picks the same images
+    part = load_samples("photos", tmp_path, spec, pre, 10, 3)
+    assert isinstance(part.samples, PreprocessedImages) and len(part) == 10
+    assert all(np.array_equal(part.samples[j]["image"], s.samples[i]["image"]) for j, i in enumerate(part.indices))

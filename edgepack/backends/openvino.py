@@ -230,7 +230,7 @@ class OpenVINOBackend(Backend):
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _quiet_nncf():
                     ov_model = nncf.quantize(
                         ov_model,
-                        nncf.Dataset(list(calibration)),
+                        nncf.Dataset(calibration.samples),
                         preset=(nncf.QuantizationPreset.PERFORMANCE if options.preset == "performance"
                                 else nncf.QuantizationPreset.MIXED),
                         subset_size=nncf_subset_size(recipe, len(calibration)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 
 from edgepack import preprocess as pp
 from edgepack.artifact import TensorSpec
+from edgepack.calibration.images import PreprocessedImages
 from edgepack.calibration.npz import MemberError, read_members
 from edgepack.errors import CalibrationError, ConfigError, ModelError
 from edgepack.text import TEXT_SUFFIXES, label_ids, read_table
@@ -27,9 +28,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class SampleSet:
-    """Samples fed to a model, one at a time, with labels when the source has them."""
+    """Samples fed to a model, one at a time, with labels when the source has them. ``samples`` is a list,
+    or for image sources a :class:`PreprocessedImages` that makes each input when it is read."""
 
-    samples: list[dict[str, np.ndarray]]
+    samples: Sequence[dict[str, np.ndarray]]
     labels: list[int] | None
     source: str
     texts: list[str] | None = None  # the raw texts, for text sources (shipped as the bundle's holdout)
@@ -126,7 +128,7 @@ def load_samples(
         if texts is not None:
             texts = [texts[i] for i in idx]
         else:
-            xs = [xs[i] for i in idx]
+            xs = xs.subset(idx) if isinstance(xs, PreprocessedImages) else [xs[i] for i in idx]
             raw = [raw[i] for i in idx] if raw is not None else None
         ys = [ys[i] for i in idx] if ys is not None else None
     if ys is not None:
@@ -273,7 +275,8 @@ def _images_to_samples(images: list[np.ndarray], inputs: list[TensorSpec], pre: 
     hw = pp.spatial_size(t.shape, pre.get("layout", "NCHW"))
     raw = [img if img.dtype == np.uint8 and (hw is None or tuple(img.shape[:2]) == tuple(hw)) else None
            for img in images]  # kept where it is the smaller form (no resize): a view or the decoded image
-    return [{t.name: pp.apply(pre, img, hw, t.dtype)[None]} for img in images], raw
+    # each image resized now (a photo is larger than its crop), normalized when read
+    return PreprocessedImages([pp.geometry(pre, img, hw) for img in images], t.name, pre, t.dtype), raw
 
 
 def _from_image_folder(path: Path, inputs, pre: dict | None, labels: list[str] | None, where: str):

@@ -99,7 +99,7 @@ def fit_ranges(onnx_path: Path, samples, method: str, workdir: Path) -> tuple[Ca
     # ONNX Runtime keeps every activation of every sample it is given until it folds them into its
     # ranges/histograms; in chunks that is CHUNK samples' worth (a transformer at sequence 128 x 300
     # samples would otherwise need tens of GB). Ranges merge and histograms accumulate across chunks.
-    items = list(samples)
+    items = getattr(samples, "samples", samples)  # read a chunk at a time (image sets make inputs when read)
     for start in range(0, len(items), CALIBRATION_CHUNK):
         calibrator.collect_data(_Reader(items[start:start + CALIBRATION_CHUNK]))
     data = calibrator.compute_data()

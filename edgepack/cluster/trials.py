@@ -97,6 +97,10 @@ def _writable(samples: Any) -> Any:
     share input memory (OpenVINO's tensors) refuse."""
     import numpy as np
 
+    from edgepack.calibration.reader import PreprocessedImages
+
+    if isinstance(samples.samples, PreprocessedImages):  # inputs made when read are new, writable arrays
+        return samples
     return replace(samples, samples=[{k: np.array(v) for k, v in s.items()} for s in samples.samples])
 
 

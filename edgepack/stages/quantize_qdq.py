@@ -148,7 +148,7 @@ def quantize_nncf(src: Path, out: Path, calibration: Any, workdir: Path, *, acti
         quantize_outputs = _output_views(model)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             model = nncf.quantize(
-                model, nncf.Dataset(list(calibration)),
+                model, nncf.Dataset(calibration.samples),
                 preset=nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE,
                 subset_size=len(calibration), fast_bias_correction=False,
                 model_type=nncf.ModelType.TRANSFORMER if transformer else None,
