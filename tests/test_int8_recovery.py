@@ -298,3 +298,97 @@ def test_adaround_past_its_time_bound_stops_and_leaves_no_model(tmp_path):
     assert "adaround_samples" in info.value.hint and (tmp_path / "out" / "quark.log").is_file()
     assert not (tmp_path / "out" / "model.onnx").exists()
     assert not list((tmp_path / "out").glob("*.npz"))
+
+
+def _shared_dq_model(path):
+    """x -> Q -> DQ read by two Convs, each with an int32 bias behind a DequantizeLinear (Quark's form)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.integers(-127, 128, (4, 3, 3, 3), dtype=np.int8), f"w{i}_q") for i in (0, 1)]
+    b = [numpy_helper.from_array(rng.integers(-500, 500, (4,), dtype=np.int32), f"b{i}_q") for i in (0, 1)]
+    consts = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in (
+        ("s", 0.02, np.float32), ("z", 0, np.int8), ("ws", [0.01, 0.02, 0.03, 0.04], np.float32),
+        ("wz", [0, 0, 0, 0], np.int8), ("bs", [0.0002, 0.0004, 0.0006, 0.0008], np.float32),
+        ("bz", [0, 0, 0, 0], np.int32))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq")]
+    for i in (0, 1):
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}_q", "ws", "wz"], [f"w{i}"], name=f"wdq{i}", axis=0),
+                  helper.make_node("DequantizeLinear", [f"b{i}_q", "bs", "bz"], [f"b{i}"], name=f"bdq{i}", axis=0),
+                  helper.make_node("Conv", ["xd", f"w{i}", f"b{i}"], [f"y{i}"], name=f"conv{i}", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 4, 8, 8]) for i in (0, 1)],
+                              w + b + consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def _tensorrt_qdq_form(model) -> None:
+    """TensorRT's explicit-quantization constraints: symmetric (zero points 0), 8-bit Q/DQ only, each
+    DequantizeLinear read by one node, every Conv/Gemm weight an int8 constant behind a DequantizeLinear."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers: dict[str, int] = {o.name: 1 for o in model.graph.output}  # a graph output is read once
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert n.input[2] in inits and not inits[n.input[2]].any() and inits[n.input[2]].dtype == np.int8, n.name
+        if n.op_type == "DequantizeLinear":
+            assert readers.get(n.output[0], 0) == 1, n.name
+        if n.op_type in ("Conv", "Gemm"):
+            dq = producers[n.input[1]]
+            assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].dtype == np.int8
+            assert len(n.input) < 3 or n.input[2] in inits  # a float bias TensorRT folds
+    assert not any(v.dtype == np.int32 for v in inits.values())
+
+
+def test_dedicate_qdq_gives_each_consumer_its_own_dq_and_float_biases_with_the_same_outputs(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.stages.quantize_qdq import dedicate_qdq
+
+    path = tmp_path / "m.onnx"
+    _shared_dq_model(path)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    assert dedicate_qdq(path) == {"dq_copied": 1, "int32_biases_folded": 2, "unread_nodes_dropped": 0}
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    for a, b in zip(before, after):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5)
+    _tensorrt_qdq_form(onnx.load(str(path)))
+
+
+def test_the_jetson_adaround_recipe_writes_tensorrt_qdq_with_learned_rounding(tmp_path):
+    _needs_quark()
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.backends import get_backend
+    from edgepack.target import load_target
+
+    backend, profile = get_backend("tensorrt"), load_target("jetson-orin-nano")
+    assert backend.recovery_methods == ("adaround",)
+    art, data = tiny_onnx(tmp_path / "m"), samples(16)
+    variant = _recipe_variant(profile.model_copy(update={"precision": "int8"}), "adaround")
+    options = backend.options({**profile.backend_options, "adaround_samples": 8, "adaround_iterations": 20}, "test")
+    compiled = backend.compile(art, variant, options, data, tmp_path / "out")
+    cfg = compiled.lineage[-1].config
+    assert cfg["recipe"] == "adaround" and cfg["tool"].startswith("AMD Quark AdaRound")
+    assert cfg["op_check"].startswith("passed") and cfg["int32_biases_folded"] == 3
+    assert {p.name for p in compiled.path.parent.iterdir()} >= {"model.onnx", "builder.json", "calibration.cache"}
+    model = onnx.load(str(compiled.path))
+    _tensorrt_qdq_form(model)
+    assert set(_weights(model)) == {"node_conv2d", "node_conv2d_1", "node_linear"}
+    ref = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    runner, _ = backend.host_runner(compiled.path, 1)  # the host proxy the build scores it with
+    for s in list(data)[:4]:
+        got, want = runner.run(s)[0], ref.run(None, s)[0]
+        assert np.abs(got - want).max() <= 0.25 * (np.abs(want).max() + 1e-6)
+    with pytest.raises(ToolchainError, match="no INT8 recipe 'bias-correction'"):
+        backend.compile(art, _recipe_variant(variant, "bias-correction"), options, data, tmp_path / "bad")

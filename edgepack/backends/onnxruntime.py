@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
 from edgepack.errors import ToolchainError
-from edgepack.stages import quantize_qdq as quantize_qdq_defaults
+from edgepack.stages.quantize_qdq import AdaRoundOptions
 
 
 TRANSFORMER_OPS = ["MatMul", "Gemm", "Conv"]
@@ -81,14 +81,10 @@ class ONNXRuntimeBackend(Backend):
     # top-1 agreement with bias-correction, 90.0% with AdaRound on 64 samples, every layer in INT8
     recovery_methods: ClassVar[tuple[str, ...]] = ("bias-correction", "dynamic", "adaround")
 
-    class Options(Backend.Options):
+    class Options(Backend.Options, AdaRoundOptions):  # adaround_samples/_iterations/_timeout_s
         quant_format: Literal["qdq"] = "qdq"
         preprocess: bool = True
         reduce_range: bool = False
-        # the adaround recipe: calibration samples it trains on, iterations per layer, its time bound
-        adaround_samples: int = Field(default=quantize_qdq_defaults.ADAROUND_SAMPLES, ge=1, le=10_000)
-        adaround_iterations: int = Field(default=quantize_qdq_defaults.ADAROUND_ITERATIONS, ge=1, le=100_000)
-        adaround_timeout_s: float = Field(default=quantize_qdq_defaults.ADAROUND_TIMEOUT_S, gt=0, le=86_400)
 
     def check_environment(self, compile: bool = True) -> dict[str, str]:
         ort = self._import("onnxruntime", "ONNX Runtime")

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 
 from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
 from edgepack.backends.base import Backend
-from edgepack.errors import ConfigError, ModelError
+from edgepack.errors import ConfigError, ModelError, ToolchainError
+from edgepack.stages.quantize_qdq import AdaRoundOptions
 
 PROXY_LABEL = "host proxy (onnxruntime, QDQ)"
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -115,8 +116,12 @@ class TensorRTBackend(Backend):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     # the build quantizes with ONNX Runtime; the engine is built on the device
     packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
+    # INT8 recovery the accuracy search tries before it keeps any layer in float: AdaRound's learned weight
+    # rounding through AMD Quark (the quark toolchain), written as TensorRT's QDQ (int8 symmetric activations
+    # and per-channel weights, zero points 0, one consumer per DequantizeLinear)
+    recovery_methods: ClassVar[tuple[str, ...]] = ("adaround",)
 
-    class Options(Backend.Options):
+    class Options(Backend.Options, AdaRoundOptions):  # adaround_samples/_iterations/_timeout_s
         workspace_mb: int = Field(default=1024, gt=0)
         dla_core: int | None = Field(default=None, ge=0)
         max_batch: int = Field(default=8, gt=0)
@@ -187,10 +192,10 @@ class TensorRTBackend(Backend):
         cfg: dict[str, Any] = {"backend": self.name, "precision": target.precision,
                                "tensorrt_target": trt_version}
         if target.precision == "int8":
-            table, ort_ranges = self._quantize(model, target, options, calibration, workdir, out)
+            (table, ort_ranges), tool = self._quantize(model, target, options, calibration, workdir, out)
             files += [table.write_json(out_dir / "calibration.json"),
                       table.write_tensorrt_cache(out_dir / "calibration.cache", trt_version)]
-            cfg.update({"tool": "onnxruntime.quantization.quantize_static (TensorRT QDQ settings)",
+            cfg.update({**tool, "recipe": target.quantization.recipe,
                         "activations": "int8 symmetric", "weights": "int8 symmetric per-channel",
                         "quantized_op_types": options.quantize_op_types, "kept_in_float": list(target.quantization.keep_float),
                         "calibration_method": target.quantization.calibration_method,
@@ -242,6 +247,17 @@ class TensorRTBackend(Backend):
         pre = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx")
         ranges = fit_ranges(pre, calibration, qc.calibration_method, workdir / "calib")
         ops = options.quantize_op_types
+        if qc.recipe == "adaround":
+            tool = quantize_qdq.quantize_adaround(
+                pre, out, calibration, workdir, activation_type="int8", symmetric_activations=True, per_channel=True,
+                method=qc.calibration_method, exclude=qc.keep_float, samples=options.adaround_samples,
+                iterations=options.adaround_iterations, timeout_s=options.adaround_timeout_s)
+            tool.update(quantize_qdq.dedicate_qdq(out))
+            pre.unlink(missing_ok=True)
+            return ranges, tool
+        if qc.recipe != "default":
+            raise ToolchainError(f"the tensorrt backend has no INT8 recipe '{qc.recipe}'",
+                                 hint=f"known: default, {', '.join(self.recovery_methods)}")
         quantize_qdq.quantize(pre, out, calibration, qc.calibration_method, workdir, activation_type="int8",
                               symmetric_activations=True, per_channel=True, op_types=ops, exclude=qc.keep_float,
                               ranges=ranges, extra={
@@ -253,7 +269,7 @@ class TensorRTBackend(Backend):
                                   "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                               })
         pre.unlink(missing_ok=True)
-        return ranges
+        return ranges, {"tool": "onnxruntime.quantization.quantize_static (TensorRT QDQ settings)"}
 
     def _maybe_build_engine(self, out_dir: Path, options) -> list[Path]:
         """When this machine has TensorRT and a GPU, build the engine now, under its compatibility key."""

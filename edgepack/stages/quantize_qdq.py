@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from edgepack.calibration.table import CalibrationTable, fit_ranges
 from edgepack.errors import ToolchainError
 
@@ -246,6 +248,14 @@ ADAROUND_ITERATIONS = 50
 ADAROUND_TIMEOUT_S = 1200.0
 
 
+class AdaRoundOptions(BaseModel):
+    """The adaround recipe's backend options (the ``onnx`` and Jetson targets)."""
+
+    adaround_samples: int = Field(default=ADAROUND_SAMPLES, ge=1, le=10_000)
+    adaround_iterations: int = Field(default=ADAROUND_ITERATIONS, ge=1, le=100_000)
+    adaround_timeout_s: float = Field(default=ADAROUND_TIMEOUT_S, gt=0, le=86_400)
+
+
 def quantize_adaround(src: Path, out: Path, calibration: Any, workdir: Path, *, activation_type: str = "uint8",
                       symmetric_activations: bool = False, per_channel: bool = True, method: str = "minmax",
                       exclude: list[str] | None = None, samples: int = ADAROUND_SAMPLES,
@@ -303,3 +313,69 @@ def quantize_adaround(src: Path, out: Path, calibration: Any, workdir: Path, *, 
     return {"tool": "AMD Quark AdaRound (quark.onnx, the quark toolchain)", "adaround_samples": result["samples"],
             "adaround_iterations": result["iterations"], "adaround_learning_rate": result["learning_rate"],
             "adaround_seed": result["seed"], "adaround_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def dedicate_qdq(path: Path) -> dict[str, int]:
+    """Ready a QDQ model from another quantizer for TensorRT's explicit quantization: each
+    DequantizeLinear feeds one consumer (TensorRT cannot share one Q/DQ pair between consumers, what
+    ONNX Runtime's ``DedicatedQDQPair`` does for its own output: the extra consumers get a copy); int32
+    biases behind a DequantizeLinear become float initializers again (TensorRT dequantizes 8-bit and
+    narrower types only, and folds a float bias into its INT8 kernel, what ``QuantizeBias: False`` gives
+    with ONNX Runtime); nodes whose outputs nothing reads are dropped. Rewrites ``path``; returns how many
+    nodes were copied, folded and dropped."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    copied = dropped = folded = 0
+    inits = {t.name: t for t in graph.initializer}
+    for n in list(graph.node):  # int32 (bias) DequantizeLinear of a constant -> the float constant itself
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or any(i not in inits for i in n.input[1:]):
+            continue
+        q = numpy_helper.to_array(inits[n.input[0]])
+        if q.dtype != np.int32:
+            continue
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[n.input[2]]).astype(np.int64) if len(n.input) > 2 else np.int64(0)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if scale.ndim and q.ndim:
+            shape[axis % q.ndim] = -1
+        value = ((q.astype(np.int64) - zp.reshape(shape if zp.ndim else ())) * scale.reshape(shape if scale.ndim else ()))
+        graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), n.output[0]))
+        graph.node.remove(n)
+        folded += 1
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    nodes = []
+    for n in graph.node:
+        nodes.append(n)
+        users = readers.get(n.output[0], []) if n.op_type == "DequantizeLinear" else []
+        for k, user in enumerate(users[1:], start=1):
+            twin = onnx.NodeProto()
+            twin.CopyFrom(n)
+            twin.name, twin.output[0] = f"{n.name}_{k}", f"{n.output[0]}_{k}"
+            user.input[:] = [twin.output[0] if i == n.output[0] else i for i in user.input]
+            nodes.append(twin)
+            copied += 1
+    outputs = {o.name for o in graph.output}
+    while True:  # drop nodes nothing reads, until none is left (a dropped DQ may leave its Q unread)
+        read = {i for n in nodes for i in n.input} | outputs
+        keep = [n for n in nodes if any(o in read for o in n.output)]
+        if len(keep) == len(nodes):
+            break
+        dropped += len(nodes) - len(keep)
+        nodes = keep
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return {"dq_copied": copied, "int32_biases_folded": folded, "unread_nodes_dropped": dropped}
