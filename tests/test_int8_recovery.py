@@ -58,6 +58,25 @@ def test_float_fallback_starts_from_the_most_accurate_recovery_and_failures_are_
     assert result.failed == [{"step": "recovery learned-rounding", "error": "toolchain 'quark' is not installed"}]
 
 
+def test_float_fallback_does_not_start_from_adaround_even_when_it_is_the_most_accurate():
+    calls: list[tuple] = []
+
+    def try_build(step, method, kept, recipe="default"):
+        calls.append((step, tuple(kept), recipe))
+        base = {"default": 80.0, "bias-correction": 84.0, "adaround": 88.0}[recipe]
+        return _trial(step, method, kept, base + 5.0 * len(kept), recipe=recipe)
+
+    result = search(_trial("plain int8", "minmax", [], 80.0), ["minmax"], try_build,
+                    lambda deadline: [("a", 1.0), ("b", 0.5), ("c", 0.1)], 1.0, 8, lambda _: None,
+                    recipes=("bias-correction", "adaround"))
+    keeps = [c for c in calls if c[0].startswith("keep ")]
+    # AdaRound's model lost most of its accuracy with a layer in float (measured): the fallback builds on
+    # the most accurate recipe that composes with float layers
+    assert keeps and all(c[2] == "bias-correction" for c in keeps)
+    assert result.best.recipe == "bias-correction" and result.best.kept == ["a", "b"]
+    assert [c[2] for c in calls[:2]] == ["bias-correction", "adaround"]
+
+
 def test_the_fastest_build_that_meets_the_budget_wins_and_near_ties_go_to_fewer_float_layers():
     slow_float = _trial("keep 1 in float", "minmax", ["a"], 92.0, p50=10.0)
     int8 = _trial("recovery bias-correction", "minmax", [], 90.5, p50=8.0, recipe="bias-correction")
@@ -351,7 +370,7 @@ def test_dedicate_qdq_gives_each_consumer_its_own_dq_and_float_biases_with_the_s
     import onnx
     import onnxruntime as ort
 
-    from edgepack.stages.quantize_qdq import dedicate_qdq
+    from edgepack.stages.adaround import dedicate_qdq
 
     path = tmp_path / "m.onnx"
     _shared_dq_model(path)

@@ -13,8 +13,7 @@ from pydantic import BaseModel
 from edgepack.artifact import ModelArtifact, ModelFormat
 from edgepack.backends.base import Backend
 from edgepack.errors import ToolchainError
-from edgepack.stages.quantize_qdq import AdaRoundOptions
-
+from edgepack.stages.adaround import AdaRoundOptions
 
 TRANSFORMER_OPS = ["MatMul", "Gemm", "Conv"]
 
@@ -77,7 +76,7 @@ class ONNXRuntimeBackend(Backend):
     # dynamic (transformers only): ONNX Runtime's dynamic quantization, activation scales from each call's
     # own range (quantize_qdq.quantize_dynamic), where one static range per tensor loses too much;
     # adaround (CNNs): AdaRound's learned weight rounding through AMD Quark in its own environment (the
-    # quark toolchain; quantize_qdq.quantize_adaround), the costliest, so last. EfficientNet-Lite0: 89.5%
+    # quark toolchain; adaround.quantize_adaround), the costliest, so last. EfficientNet-Lite0: 89.5%
     # top-1 agreement with bias-correction, 90.0% with AdaRound on 64 samples, every layer in INT8
     recovery_methods: ClassVar[tuple[str, ...]] = ("bias-correction", "dynamic", "adaround")
 
@@ -112,7 +111,7 @@ class ONNXRuntimeBackend(Backend):
                                 path=out, files=tuple(files), precision="fp32")
         self.check_profile(target)  # quantize_qdq knows int8 and uint8 activations only
         self._import("onnxruntime.quantization", "ONNX Runtime quantization")
-        from edgepack.stages import quantize_qdq
+        from edgepack.stages import adaround, quantize_qdq
 
         qc = target.quantization
         src = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx") if options.preprocess else model.path
@@ -134,7 +133,7 @@ class ONNXRuntimeBackend(Backend):
             if transformer:  # not measured on transformers here; their INT8 goes through the dynamic recipe
                 raise ToolchainError("the adaround recipe is for convolutional models; it is not tried on "
                                      "transformers", hint="the search goes on without it")
-            recipe = quantize_qdq.quantize_adaround(
+            recipe = adaround.quantize_adaround(
                 src, out, calibration, workdir, activation_type=qc.activation_type,
                 symmetric_activations=qc.symmetric_activations, per_channel=qc.per_channel,
                 method=qc.calibration_method, exclude=qc.keep_float, samples=options.adaround_samples,

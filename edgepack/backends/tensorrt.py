@@ -13,6 +13,8 @@ QDQ model and labelled as a host proxy.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import time
@@ -27,7 +29,7 @@ from pydantic import BaseModel, Field
 from edgepack.artifact import ModelArtifact, ModelFormat, TensorSpec
 from edgepack.backends.base import Backend
 from edgepack.errors import ConfigError, ModelError, ToolchainError
-from edgepack.stages.quantize_qdq import AdaRoundOptions
+from edgepack.stages.adaround import AdaRoundOptions
 
 PROXY_LABEL = "host proxy (onnxruntime, QDQ)"
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -240,19 +242,20 @@ class TensorRTBackend(Backend):
 
     def _quantize(self, model, target, options, calibration, workdir: Path, out: Path):
         from edgepack.calibration.table import fit_ranges
-        from edgepack.stages import quantize_qdq
+        from edgepack.stages import adaround, quantize_qdq
 
         self._import("onnxruntime.quantization", "ONNX Runtime quantization")
         qc = target.quantization
         pre = quantize_qdq.preprocess(model.path, workdir / "preprocessed.onnx")
-        ranges = fit_ranges(pre, calibration, qc.calibration_method, workdir / "calib")
+        with contextlib.redirect_stdout(io.StringIO()):  # ONNX Runtime's calibrators print progress lines
+            ranges = fit_ranges(pre, calibration, qc.calibration_method, workdir / "calib")
         ops = options.quantize_op_types
         if qc.recipe == "adaround":
-            tool = quantize_qdq.quantize_adaround(
+            tool = adaround.quantize_adaround(
                 pre, out, calibration, workdir, activation_type="int8", symmetric_activations=True, per_channel=True,
                 method=qc.calibration_method, exclude=qc.keep_float, samples=options.adaround_samples,
                 iterations=options.adaround_iterations, timeout_s=options.adaround_timeout_s)
-            tool.update(quantize_qdq.dedicate_qdq(out))
+            tool.update(adaround.dedicate_qdq(out))
             pre.unlink(missing_ok=True)
             return ranges, tool
         if qc.recipe != "default":

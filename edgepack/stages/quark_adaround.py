@@ -2,7 +2,7 @@
 
 This file imports nothing from edgepack: it runs in the isolated environment ``edgepack toolchain install
 quark`` makes (amd-quark 0.13 pins onnx <= 1.22, and its typing_extensions breaks litert-converter's xdsl),
-called by :func:`edgepack.stages.quantize_qdq.quantize_adaround` and by ``benchmarks/int8_recovery.py``:
+called by :func:`edgepack.stages.adaround.quantize_adaround` and by ``benchmarks/int8_recovery.py``:
 
     QUARK_PYTHON edgepack/stages/quark_adaround.py FP32.onnx CALIBRATION.npz OUT.onnx \\
         [--iterations 50] [--samples 64] [--activations uint8|int8] [--symmetric-activations] \\
