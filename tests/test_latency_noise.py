@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,21 +40,35 @@ def burners():
         p.wait()
 
 
+def _cpu_ticks(procs) -> int:
+    """User + system CPU ticks the processes have used (/proc/PID/stat fields 14 and 15)."""
+    total = 0
+    for p in procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def test_ratio_under_load_stays_close_or_is_flagged_noisy(burners):
     for p in burners:  # quiet first: stop the burners, measure, start them again
         p.send_signal(__import__("signal").SIGSTOP)
     quiet, quiet_noise = _ratio()
     for p in burners:
         p.send_signal(__import__("signal").SIGCONT)
+    burned, t0 = _cpu_ticks(burners), time.monotonic()
     busy, busy_noise = _ratio()
+    burned = (_cpu_ticks(burners) - burned) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
     assert busy_noise["checks"][-1]["load_per_cpu_after"] is not None
     close = abs(busy / quiet - 1) <= 0.15
     assert close or busy_noise["noisy"], (quiet, busy, busy_noise)
     # what the record says is the truth about its own window: noisy only when the round ratios spread
     last = busy_noise["checks"][-1]
     assert busy_noise["noisy"] == (last["worst"] > busy_noise["limit"] or last["contended"])
-    # two burners on this machine's cores are other processes' load the record sees
-    assert last["others_cpu_share"] is None or last["others_cpu_share"] > 0.25 * min(1.0, 2 / (os.cpu_count() or 1))
+    # two burners on this machine's cores are other processes' load the record sees, when they ran: on a
+    # shared host the scheduler may give them little of the window (seen once: others' share 0.032)
+    if burned > 0.5:  # the burners kept at least half a CPU busy over the busy windows
+        assert last["others_cpu_share"] is None or last["others_cpu_share"] > 0.25 * min(1.0, 2 / (os.cpu_count() or 1))
     assert quiet_noise["tries"] >= 1 and len(busy_noise["checks"]) == busy_noise["tries"] <= 3
 
 
