@@ -39,19 +39,25 @@ def test_a_recovery_method_that_meets_the_budget_keeps_every_layer_in_int8():
     assert "every layer in INT8" in result.stopped
 
 
-def test_float_fallback_starts_from_the_most_accurate_recovery_and_failures_are_recorded():
+def _fallback_search(base: dict[str, float], recipes: tuple[str, ...], missing: str | None = None):
+    """The search over a fake ladder: each recipe's all-INT8 accuracy, +5 points per layer kept in float;
+    ``missing`` names a recipe whose toolchain is not installed. Returns the result and every build call."""
     calls: list[tuple] = []
 
     def try_build(step, method, kept, recipe="default"):
         calls.append((step, tuple(kept), recipe))
-        if recipe == "learned-rounding":
+        if recipe == missing:
             raise ToolchainError("toolchain 'quark' is not installed")
-        base = {"default": 80.0, "bias-correction": 86.0}[recipe]
-        return _trial(step, method, kept, base + 5.0 * len(kept), recipe=recipe)
+        return _trial(step, method, kept, base[recipe] + 5.0 * len(kept), recipe=recipe)
 
     result = search(_trial("plain int8", "minmax", [], 80.0), ["minmax"], try_build,
-                    lambda deadline: [("a", 1.0), ("b", 0.5), ("c", 0.1)], 1.0, 8, lambda _: None,
-                    recipes=("bias-correction", "learned-rounding"))
+                    lambda deadline: [("a", 1.0), ("b", 0.5), ("c", 0.1)], 1.0, 8, lambda _: None, recipes=recipes)
+    return result, calls
+
+
+def test_float_fallback_starts_from_the_most_accurate_recovery_and_failures_are_recorded():
+    result, calls = _fallback_search({"default": 80.0, "bias-correction": 86.0},
+                                     ("bias-correction", "learned-rounding"), missing="learned-rounding")
     keeps = [c for c in calls if c[0].startswith("keep ")]
     assert keeps and all(c[2] == "bias-correction" for c in keeps)
     assert result.best.kept == ["a"] and result.best.recipe == "bias-correction" and result.best.meets_budget
@@ -59,16 +65,8 @@ def test_float_fallback_starts_from_the_most_accurate_recovery_and_failures_are_
 
 
 def test_float_fallback_does_not_start_from_adaround_even_when_it_is_the_most_accurate():
-    calls: list[tuple] = []
-
-    def try_build(step, method, kept, recipe="default"):
-        calls.append((step, tuple(kept), recipe))
-        base = {"default": 80.0, "bias-correction": 84.0, "adaround": 88.0}[recipe]
-        return _trial(step, method, kept, base + 5.0 * len(kept), recipe=recipe)
-
-    result = search(_trial("plain int8", "minmax", [], 80.0), ["minmax"], try_build,
-                    lambda deadline: [("a", 1.0), ("b", 0.5), ("c", 0.1)], 1.0, 8, lambda _: None,
-                    recipes=("bias-correction", "adaround"))
+    result, calls = _fallback_search({"default": 80.0, "bias-correction": 84.0, "adaround": 88.0},
+                                     ("bias-correction", "adaround"))
     keeps = [c for c in calls if c[0].startswith("keep ")]
     # AdaRound's model lost most of its accuracy with a layer in float (measured): the fallback builds on
     # the most accurate recipe that composes with float layers
