@@ -1,7 +1,10 @@
 """INT8 recovery: edgepack's INT8 recipes beside the peers' by-hand post-training quantization, per model.
 
 For each example project (EfficientNet-Lite0, the Fashion-MNIST CNN, and with --text the MiniLM sentiment
-model), on the project's own calibration and evaluation sets and the FP32 ONNX edgepack exports:
+model) and MobileNetV2 (benchmarks/mobilenetv2: transformers' classes, random weights with re-estimated
+batch-norm statistics, since no pretrained weights load offline: its agreement is the fidelity of that
+network, not ImageNet accuracy; its latencies are real), on the project's own calibration and evaluation
+sets and the FP32 ONNX edgepack exports:
 
 - peer rows: OpenVINO + ``nncf.quantize`` with its defaults, and ONNX Runtime ``quantize_static`` (QDQ, U8S8,
   per-channel weights, MinMax), each by hand on the same calibration samples;
@@ -19,6 +22,7 @@ said to be undecided), and ends with a verdict per target: chosen vs the best pe
 then the fastest), accuracy and p50 ratio from the same in-turn window. Prints a markdown table per model.
 
     python benchmarks/int8_recovery.py [--text] [--threads 2] [--skip-fashion] [--skip-efficientnet]
+        [--skip-mobilenet]
         [--stop-at-chosen] [--eval-limit N] [--quark-python VENV/bin/python | --no-quark]
         [--quark-iterations 50] [--quark-samples 300]
 
@@ -43,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROJECTS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0",
+            "mobilenetv2 (random weights)": ROOT / "benchmarks" / "mobilenetv2",
             "fashion-mnist cnn": ROOT / "examples" / "fashion_mnist",
             "minilm sentiment": ROOT / "examples" / "text_sentiment"}
 
@@ -283,6 +288,7 @@ def main() -> None:
     ap.add_argument("--text", action="store_true", help="also the MiniLM sentiment model (slow: 1,000 texts)")
     ap.add_argument("--skip-fashion", action="store_true")
     ap.add_argument("--skip-efficientnet", action="store_true")
+    ap.add_argument("--skip-mobilenet", action="store_true")
     ap.add_argument("--stop-at-chosen", action="store_true",
                     help="per target, skip the recovery methods after the first one that meets the budget (the "
                          "search never builds them)")
@@ -301,7 +307,8 @@ def main() -> None:
         "python": str(python), "iterations": args.quark_iterations, "samples": args.quark_samples}
     names = [n for n in PROJECTS if not (n == "minilm sentiment" and not args.text)
              and not (n == "fashion-mnist cnn" and args.skip_fashion)
-             and not (n == "efficientnet-lite0" and args.skip_efficientnet)]
+             and not (n == "efficientnet-lite0" and args.skip_efficientnet)
+             and not (n.startswith("mobilenetv2") and args.skip_mobilenet)]
     for name in names:
         work = Path(tempfile.mkdtemp(prefix="edgepack-int8-recovery-"))
         try:
