@@ -11,6 +11,8 @@ manager then cleans up exactly as for a Ctrl-C anywhere else.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable
+from pathlib import Path
 from types import FrameType
 
 
@@ -54,3 +56,10 @@ def check() -> None:
         signum = _pending[-1]
         _pending.clear()
         _raise(signum)
+
+
+def note_kept(exc: KeyboardInterrupt, bundles: Iterable[Path]) -> None:
+    """Name, on the interrupt itself, the complete bundles this command wrote before it arrived (a
+    multi-target build keeps its finished targets), so the error's hint never says nothing was written."""
+    kept = [*getattr(exc, "kept", []), *(str(b) for b in bundles)]
+    exc.kept = list(dict.fromkeys(kept))  # type: ignore[attr-defined]

@@ -229,6 +229,22 @@ def test_ctrl_c_mid_build_leaves_nothing_behind(project, monkeypatch):
     assert_no_bundle(project)
 
 
+def test_ctrl_c_in_the_second_target_keeps_the_first_bundle_and_names_it(project, monkeypatch):
+    """The cpu bundle was complete before Ctrl-C reached the onnx target: it stays, and the hint says so
+    (rather than "nothing was written"); the onnx target leaves nothing."""
+    from edgepack.backends.onnxruntime import ONNXRuntimeBackend
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ONNXRuntimeBackend, "compile", interrupted)
+    res = build(project, "--target", "onnx", target="cpu")
+    assert res.exit_code == 130, res.output
+    assert sorted(p.name for p in (project / "dist").iterdir()) == ["digits-1.2.3-cpu.edgepack"]
+    text = " ".join(res.output.split())  # the hint may wrap at the terminal's width
+    assert "kept: " in text and "digits-1.2.3-cpu.edgepack" in text and "nothing was written" not in text
+
+
 def test_traceback_only_with_debug(project):
     edit_yaml(project, "model.py:build", "model.py:broken")
     res = run("build", "--project", str(project), "--target", "onnx", "--quiet")

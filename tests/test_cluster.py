@@ -227,22 +227,47 @@ def test_build_on_the_cluster_through_the_cli(cluster, trained_project, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_ctrl_c_cancels_the_cluster_build_and_leaves_no_bundle(cluster, trained_project, tmp_path):
-    """Ctrl-C on the driver while a task builds: exit 130, nothing in --out (no bundle, no partial file)."""
+HELD_FACTORY = """
+
+def held():
+    \"\"\"The digits CNN, once {go} exists (at most 10 minutes on): the task stays in its 'load model'
+    stage until the test lets it go, so Ctrl-C always lands while it builds.\"\"\"
+    import pathlib
+    import time
+
+    until = time.monotonic() + 600
+    while not pathlib.Path({go!r}).exists() and time.monotonic() < until:
+        time.sleep(0.05)
+    return build()
+"""
+
+
+def test_ctrl_c_cancels_the_cluster_build_and_leaves_no_bundle(cluster, project, tmp_path):
+    """Ctrl-C on the driver while a task builds: exit 130, nothing in --out (no bundle, no partial file).
+    The model's factory holds the task in 'load model' until the test ends, so the task cannot finish
+    (and its bundle come back) before the signal: the outcome never depends on the host's speed."""
+    go = tmp_path / "go"
+    with (project / "model.py").open("a") as f:
+        f.write(HELD_FACTORY.format(go=str(go)))
+    edit_yaml(project, "path: model.py:build", "path: model.py:held")
     out = tmp_path / "dist"
     proc = subprocess.Popen([sys.executable, "-c", "from edgepack.cli.main import main; main()", "build", "-p",
-                             str(trained_project), "-t", "onnx", "--out", str(out), "--cluster", cluster],
+                             str(project), "-t", "onnx", "--out", str(out), "--cluster", cluster],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "EDGEPACK_CLUSTER": ""})
     seen = []
-    for line in proc.stderr:  # the first progress line from the task on the cluster
-        seen.append(line)
-        if "[onnx @ " in line and "calibration" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.stderr.read()
-    assert proc.wait() == 130, "".join(seen) + rest
-    assert list(out.iterdir()) == []
+    try:
+        for line in proc.stderr:  # the task's 'load model' start: it is now waiting in the factory
+            seen.append(line)
+            if "[onnx @ " in line and "load model" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait() == 130, "".join(seen) + rest
+        assert "interrupted" in rest and "kept" not in rest, rest
+        assert list(out.iterdir()) == []
+    finally:
+        go.touch()  # a task the cancel missed finishes instead of waiting out its 10 minutes
 
 
 def _rank_inside_a_task(path: str, workdir: str) -> list:

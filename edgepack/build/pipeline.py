@@ -27,6 +27,7 @@ from edgepack.build.search import Trials, accuracy_budget, compile_to_budget, pr
 from edgepack.build.source import compile_source, exported, source_of
 from edgepack.bundle import bundle_name, write_bundle
 from edgepack.errors import AcceptanceError, ConfigError, DiskFullError, EdgepackError, ToolchainError, no_space
+from edgepack.interrupts import note_kept
 from edgepack.loaders.resolve import resolve
 from edgepack.project import find_project, load_project, with_prune_flags
 from edgepack.scratch import locked_dir
@@ -81,8 +82,14 @@ def build(project_path: Path | None, targets: list[str], out: Path | None = None
                                toolchain_versions(plans), settings, out, scratch, timings, timings=timings)
             ctx.data = prepare_data(ctx, plans[0].profile)
             ctx.shared_stages = len(timings.stages)
+            done: list[Outcome] = []
             try:
-                return [_one(ctx, plan, keep_going) for plan in plans]
+                for plan in plans:
+                    done.append(_one(ctx, plan, keep_going))
+                return done
+            except KeyboardInterrupt as e:  # the targets finished before it keep their bundles: say so
+                note_kept(e, [o.bundle for o in done if isinstance(o, BuildResult)])
+                raise
             finally:
                 cancel_probes(ctx)  # a failed or interrupted build's memory probes (a finished one has none left)
                 ctx.runners.clear()

@@ -45,9 +45,12 @@ def from_os_error(e: OSError) -> EdgepackError:
 
 
 def interrupted(exc: KeyboardInterrupt) -> EdgepackError:
+    kept = getattr(exc, "kept", None)  # complete bundles of targets finished before the interrupt
+    hint = (f"the bundles finished before it were kept: {', '.join(kept)}; run the command again for the rest"
+            if kept else None)
     if isinstance(exc, Terminated):
-        return TerminatedError("terminated (SIGTERM); no partial output was left behind")
-    return InterruptedBuildError("interrupted; no partial output was left behind")
+        return TerminatedError("terminated (SIGTERM); no partial output was left behind", hint)
+    return InterruptedBuildError("interrupted; no partial output was left behind", hint)
 
 
 class EdgepackGroup(TyperGroup):

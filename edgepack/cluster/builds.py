@@ -29,6 +29,7 @@ from typing import Any
 from edgepack.build.parallel import BuildEvent, BuildOutcome, groups_of
 from edgepack.cluster.connect import connect, nodes
 from edgepack.cluster.ship import Payload, pack
+from edgepack.interrupts import check, note_kept
 
 MAX_RETRIES = 2  # a task whose worker or node died is run again, at most this often
 
@@ -165,6 +166,7 @@ def run_jobs(address: str, payloads: list[Payload | None], jobs: list[Job], outs
             pending[ref] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            check()  # a Ctrl-C noted during an import: raise it before any result is written
             _drain(events, on_event)
             for ref in done:
                 job = pending.pop(ref)
@@ -178,9 +180,11 @@ def run_jobs(address: str, payloads: list[Payload | None], jobs: list[Job], outs
                 for key, spec, result in zip(job.keys, job.specs, results):
                     found.append((key, _outcome(spec, result, outs[job.payload])))
         _drain(events, on_event)
-    except BaseException:
+    except BaseException as e:
         for ref in pending:  # Ctrl-C or an error here: nothing keeps running on the cluster
             ray.cancel(ref, force=True, recursive=True)
+        if isinstance(e, KeyboardInterrupt):  # bundles of tasks that finished before it stay: say so
+            note_kept(e, [o.bundle for _, o in found if o.bundle is not None])
         raise
     finally:
         ray.kill(events.actor)
