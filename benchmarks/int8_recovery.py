@@ -24,13 +24,23 @@ then the fastest), accuracy and p50 ratio from the same in-turn window. Prints a
     python benchmarks/int8_recovery.py [--text] [--threads 2] [--skip-fashion] [--skip-efficientnet]
         [--skip-mobilenet]
         [--stop-at-chosen] [--eval-limit N] [--quark-python VENV/bin/python | --no-quark]
-        [--quark-iterations 50] [--quark-samples 300]
+        [--quark-iterations 50] [--quark-samples 300] [--olive-python VENV/bin/python]
 
 AMD Quark's AdaRound (learned rounding) by hand is one more peer row, in the ``onnx`` profile's format
 (U8S8, per-channel weights), when the ``quark`` toolchain is installed (``edgepack toolchain install quark``)
 or ``--quark-python`` names another venv's interpreter with amd-quark and torch; it runs
 edgepack/stages/quark_adaround.py there, the script the ``onnx`` target's ``adaround`` recipe runs too (with
 the benchmark's own sample count and iterations). ``--no-quark`` leaves the row out.
+
+Microsoft Olive's ``OnnxStaticQuantization`` pass with its defaults is one more peer row when ``--olive-python``
+names a venv's interpreter with it (olive-ai's pins are not ours, so it runs apart, through
+benchmarks/olive_static.py):
+
+    python -m venv olive && olive/bin/pip install torch==2.13.0 olive-ai==0.13.0 onnxruntime requests
+
+Each verdict also gives the paired exact test (McNemar) on the samples the two rows disagree on: both rows are
+scored on the same samples, so a difference of a few samples is "less accurate, not a measurable difference"
+unless that test's p < 0.05.
 """
 
 from __future__ import annotations
@@ -102,22 +112,42 @@ def by_hand_ort_dynamic(onnx_path: Path, out: Path) -> Path:
     return out
 
 
+def calibration_npz(calibration, folder: Path) -> Path:
+    """The calibration samples as one .npz (one array per input, samples along axis 0), for a peer that runs
+    in its own environment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "calibration.npz"
+    names = list(next(iter(calibration)).keys())
+    np.savez(data, **{k: np.concatenate([np.asarray(s[k]) for s in calibration]) for k in names})
+    return data
+
+
+def run_isolated(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    import os
+    import subprocess
+
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd, env={**os.environ, **(env or {})})
+    if res.returncode != 0:
+        raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
+
+
 def by_hand_quark_adaround(python: str, onnx_path: Path, calibration, out: Path, iterations: int,
                            samples: int) -> Path:
     """AMD Quark AdaRound (learned rounding) in its own environment: ``python`` is that venv's interpreter
     (see edgepack/stages/quark_adaround.py); the calibration samples are handed over as one .npz."""
-    import subprocess
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = out.parent / "calibration.npz"
-    names = list(next(iter(calibration)).keys())
-    np.savez(data, **{k: np.concatenate([np.asarray(s[k]) for s in calibration]) for k in names})
-    cmd = [python, str(ROOT / "edgepack" / "stages" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
-           "--iterations", str(iterations), "--samples", str(samples)]
+    data = calibration_npz(calibration, out.parent)
     # cwd: Quark writes a quantized_info.csv into the current folder
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
-    if res.returncode != 0:
-        raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
+    run_isolated([python, str(ROOT / "edgepack" / "stages" / "quark_adaround.py"), str(onnx_path), str(data), str(out),
+                  "--iterations", str(iterations), "--samples", str(samples)], out.parent)
+    return out
+
+
+def by_hand_olive(python: str, onnx_path: Path, calibration, out: Path) -> Path:
+    """Microsoft Olive's ``OnnxStaticQuantization`` pass with its defaults, in its own environment
+    (benchmarks/olive_static.py); telemetry off."""
+    data = calibration_npz(calibration, out.parent)
+    run_isolated([python, str(ROOT / "benchmarks" / "olive_static.py"), str(onnx_path), str(data), str(out)],
+                 out.parent, {"OLIVE_DISABLE_TELEMETRY": "1"})
     return out
 
 
@@ -130,8 +160,13 @@ def agreement(outputs, reference) -> tuple[float, float]:
     return 100.0 * agree / len(outputs), float(np.mean(cos))
 
 
+def hits(outputs, truth) -> np.ndarray:
+    """Per evaluation sample: is the row's top-1 the label (or FP32's top-1)? For the paired test of a verdict."""
+    return np.array([int(np.argmax(o[0])) == int(t) for o, t in zip(outputs, truth)])
+
+
 def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_chosen: bool = False,
-             eval_limit: int | None = None, quark: dict | None = None) -> list[dict]:
+             eval_limit: int | None = None, quark: dict | None = None, olive: str | None = None) -> list[dict]:
     from edgepack.backends import get_backend
     from edgepack.build.search import accuracy_budget
     from edgepack.calibration.reader import SampleSet
@@ -152,7 +187,7 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
     # the budget the build's search checks: the project's metric (label top-1, else agreement with FP32)
     ref_score = {"metric": "top1" if labelled else "fidelity", "value": rows[0]["top1"] if labelled else 100.0}
 
-    def add(label: str, make, load, target: str | None = None) -> dict | None:
+    def add(label: str, make, load, target: str | None = None, runtime: str = "onnxruntime") -> dict | None:
         t0 = time.perf_counter()
         try:
             path = make()
@@ -164,15 +199,16 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
         outputs = run_all(runner, ev)
         a, c = agreement(outputs, reference)
         runners[label] = runner
-        row = {"row": label, "agree": a, "cos": c, "seconds": seconds, "target": target,
-               "top1": top1(outputs, ev.labels)["value"] if labelled else None}
+        row = {"row": label, "agree": a, "cos": c, "seconds": seconds, "target": target, "runtime": runtime,
+               "top1": top1(outputs, ev.labels)["value"] if labelled else None,
+               "hits": hits(outputs, ev.labels if labelled else [int(np.argmax(r[0])) for r in reference])}
         rows.append(row)
         extra = f", label top-1 {row['top1']:.1f}%" if labelled else ""
         print(f"  {name}: {label}: {a:.1f}% cos {c:.4f}{extra} ({seconds:.0f} s)", flush=True)
         return row
 
     add("peer: OpenVINO + nncf.quantize defaults", lambda: by_hand_nncf(art.path, cal, work / "nncf" / "m.xml"),
-        lambda p: ov_backend.load(p, threads))
+        lambda p: ov_backend.load(p, threads), runtime="openvino")
     (work / "ortq").mkdir(exist_ok=True)
     add("peer: ORT quantize_static U8S8 per-channel", lambda: by_hand_ort(art.path, cal, work / "ortq" / "m.onnx"),
         lambda p: ort_backend.load(p, threads))
@@ -181,10 +217,14 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
             lambda: by_hand_quark_adaround(quark["python"], art.path, cal, work / "quark" / "m.onnx",
                                            quark["iterations"], quark["samples"]),
             lambda p: ort_backend.load(p, threads))
+    if olive is not None:
+        add("peer: Olive OnnxStaticQuantization defaults", lambda: by_hand_olive(olive, art.path, cal,
+                                                                               work / "olive" / "m.onnx"),
+            lambda p: ort_backend.load(p, threads))
     if "input_ids" in ev.samples[0]:  # a transformer: each peer's documented setting for one, too
         add("peer: OpenVINO + nncf.quantize model_type=TRANSFORMER",
             lambda: by_hand_nncf(art.path, cal, work / "nncf-t" / "m.xml", transformer=True),
-            lambda p: ov_backend.load(p, threads))
+            lambda p: ov_backend.load(p, threads), runtime="openvino")
         add("peer: ORT quantize_dynamic (INT8 weights)", lambda: by_hand_ort_dynamic(art.path, work / "ortq" / "d.onnx"),
             lambda p: ort_backend.load(p, threads))
     for plan in plans:
@@ -211,7 +251,7 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
             row = add(f"edgepack {profile.name} ({backend.name}) {label}",
                       lambda b=backend, v=variant, o=plan.options, w=work / f"{profile.name}-{recipe}-{m}":
                       b.compile(art, v, o, cal, w).path,
-                      lambda p, b=backend: b.host_runner(p, threads)[0], profile.name)
+                      lambda p, b=backend: b.host_runner(p, threads)[0], profile.name, backend.name)
             if row is None:
                 continue
             if chosen is None and meets(value(row)):
@@ -228,34 +268,64 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
     return rows
 
 
+def paired_p(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
+    """Exact two-sided sign test (McNemar) on the samples two rows disagree on: (a right & b wrong, the
+    reverse, p). Both rows were scored on the same samples, so only their discordant samples carry evidence.
+    scipy comes with scikit-learn (the dev extra)."""
+    from scipy.stats import binomtest
+
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    return wins, losses, (1.0 if wins + losses == 0 else float(binomtest(wins, wins + losses, 0.5).pvalue))
+
+
+def verdict(label: str, chosen: dict, best: dict, key: str, n: int) -> str:
+    """Chosen vs one peer: the accuracy difference, the paired test that says whether it is more than sampling
+    noise, and the p50 ratio from the same in-turn window."""
+    d_acc, d_agree = chosen[key] - best[key], chosen["agree"] - best["agree"]
+    ratio = chosen.get("p50_ms", float("nan")) / best.get("p50_ms", float("nan"))
+    wins, losses, p = paired_p(chosen["hits"], best["hits"])
+    if d_acc >= -1e-9:
+        what = "at least as accurate and no slower" if ratio <= 1.0 else "at least as accurate, slower"
+    else:
+        what = (f"LESS accurate (paired exact test p={p:.3f} < 0.05)" if p < 0.05 else
+                f"less accurate by {round(-d_acc * n / 100)} of {n}, not a measurable difference (paired exact "
+                f"test p={p:.2f})" + (", and no slower" if ratio <= 1.0 else ", and slower"))
+    metric = "label top-1" if key == "top1" else "agreement"
+    return (f"verdict {label}: chosen '{chosen['row']}' vs best peer '{best['row']}': {metric} "
+            f"{chosen[key]:.2f} vs {best[key]:.2f} ({d_acc:+.2f} points = {round(d_acc * n / 100):+d} of {n} samples; "
+            f"right where the peer is wrong {wins}, the reverse {losses}; agreement {d_agree:+.2f}, cosine "
+            f"{chosen['cos']:.4f} vs {best['cos']:.4f}), p50 {chosen.get('p50_ms', float('nan')):.3f} vs "
+            f"{best.get('p50_ms', float('nan')):.3f} ms = {ratio:.2f}x: {what}")
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """Per target: edgepack's chosen build vs the best peer (most accurate, then fastest), in one window."""
+    """Per target: edgepack's chosen build vs the best peer (most accurate, then fastest), in one window; then vs
+    the best peer on the target's own runtime where that is another row; then the model's verdict: edgepack's
+    most accurate chosen build (then the fastest) vs the best peer."""
     ok = [r for r in rows[:-1] if "error" not in r]
     key = "top1" if rows[-1]["metric"] == "top1" else "agree"
+    n = rows[-1]["samples"]
     peers = [r for r in ok if r["row"].startswith("peer:")]
-    out = []
     if not peers:
         return ["verdict: no peer row succeeded"]
-    best = max(peers, key=lambda r: (r[key], r["cos"], -r.get("p50_ms", float("inf"))))
+
+    def most_accurate(rs: list[dict]) -> dict:
+        return max(rs, key=lambda r: (r[key], r["cos"], -r.get("p50_ms", float("inf"))))
+
+    best, out, picked = most_accurate(peers), [], []
     for target in rows[-1]["targets"]:
         chosen = next((r for r in ok if r.get("target") == target and r.get("chosen")), None)
         if chosen is None:
             out.append(f"verdict {target}: undecided: no benchmarked all-INT8 row meets the budget (the search "
                        f"goes on to calibration methods / float layers, not benchmarked)")
             continue
-        d_acc, d_agree = chosen[key] - best[key], chosen["agree"] - best["agree"]
-        n = rows[-1]["samples"]
-        ratio = chosen.get("p50_ms", float("nan")) / best.get("p50_ms", float("nan"))
-        as_accurate = d_acc >= -1e-9
-        fast = ratio <= 1.0
-        what = ("at least as accurate and no slower" if as_accurate and fast else
-                "at least as accurate, slower" if as_accurate else "LESS accurate")
-        metric = "label top-1" if key == "top1" else "agreement"
-        out.append(f"verdict {target}: chosen '{chosen['row']}' vs best peer '{best['row']}': {metric} "
-                   f"{chosen[key]:.2f} vs {best[key]:.2f} ({d_acc:+.2f} points = {round(d_acc * n / 100):+d} of {n} "
-                   f"samples; agreement {d_agree:+.2f}, cosine "
-                   f"{chosen['cos']:.4f} vs {best['cos']:.4f}), p50 {chosen.get('p50_ms', float('nan')):.3f} vs "
-                   f"{best.get('p50_ms', float('nan')):.3f} ms = {ratio:.2f}x: {what}")
+        picked.append(chosen)
+        out.append(verdict(target, chosen, best, key, n))
+        same = [r for r in peers if r["runtime"] == chosen["runtime"]]
+        if same and most_accurate(same) is not best:
+            out.append(verdict(f"{target} (same runtime, {chosen['runtime']})", chosen, most_accurate(same), key, n))
+    if len(picked) > 1:
+        out.append(verdict("model", most_accurate(picked), best, key, n))
     return out
 
 
@@ -297,6 +367,9 @@ def main() -> None:
                     help="the interpreter of a venv with amd-quark and torch for the AMD Quark AdaRound peer row "
                          "(default: the quark toolchain's, when installed)")
     ap.add_argument("--no-quark", action="store_true", help="leave the AMD Quark AdaRound peer row out")
+    ap.add_argument("--olive-python", default=None,
+                    help="the interpreter of a venv with olive-ai (and torch, onnxruntime, requests) for the Olive "
+                         "OnnxStaticQuantization defaults peer row; without it the row is left out")
     ap.add_argument("--quark-iterations", type=int, default=50)
     ap.add_argument("--quark-samples", type=int, default=300)
     args = ap.parse_args()
@@ -313,7 +386,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="edgepack-int8-recovery-"))
         try:
             print(table(name, rows_for(name, PROJECTS[name], args.threads, work, args.stop_at_chosen,
-                                       args.eval_limit, quark)), flush=True)
+                                       args.eval_limit, quark, args.olive_python)), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
