@@ -40,7 +40,9 @@ benchmarks/olive_static.py):
 
 Each verdict also gives the paired exact test (McNemar) on the samples the two rows disagree on: both rows are
 scored on the same samples, so a difference of a few samples is "less accurate, not a measurable difference"
-unless that test's p < 0.05.
+unless that test's p < 0.05; and a p50 ratio above 1 is set against the round-to-round spread of both rows'
+ratios in the window (measure_in_turn's check), so 0.1% slower in a window that spreads by 3% is said to be
+within it.
 """
 
 from __future__ import annotations
@@ -259,9 +261,11 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
             if recipe in ("default", "calibration") and (best_value is None or value(row) > best_value):
                 best_value, method = value(row), m
     lat, noise = measure_in_turn(runners, ev.samples[0], 10, 200, 60.0, threads)
+    spread = (noise.get("checks") or [{}])[-1].get("ratio_spread", {})  # per row: its ratios' round-to-round spread
     for r in rows:
         if r["row"] in lat:
             r["p50_ms"] = lat[r["row"]]["p50_ms"]
+            r["spread"] = spread.get(r["row"], 0.0)
     budget = ctx.project.acceptance.max_accuracy_drop
     rows.append({"noise": noise, "metric": ref_score["metric"], "budget": budget, "samples": len(ev.samples),
                  "targets": [p.profile.name for p in plans]})
@@ -284,12 +288,17 @@ def verdict(label: str, chosen: dict, best: dict, key: str, n: int) -> str:
     d_acc, d_agree = chosen[key] - best[key], chosen["agree"] - best["agree"]
     ratio = chosen.get("p50_ms", float("nan")) / best.get("p50_ms", float("nan"))
     wins, losses, p = paired_p(chosen["hits"], best["hits"])
+    # the p50 ratio against the spread of both rows' per-round ratios in this window: a gap inside it is noise
+    noise = max(chosen.get("spread", 0.0), best.get("spread", 0.0))
+    speed = ("no slower" if ratio <= 1.0 else
+             f"slower by {ratio - 1:.1%}, within this window's round-to-round spread ({noise:.1%})" if ratio - 1 <= noise
+             else f"slower by {ratio - 1:.1%}, beyond this window's round-to-round spread ({noise:.1%})")
     if d_acc >= -1e-9:
-        what = "at least as accurate and no slower" if ratio <= 1.0 else "at least as accurate, slower"
+        what = f"at least as accurate, {speed}"
     else:
-        what = (f"LESS accurate (paired exact test p={p:.3f} < 0.05)" if p < 0.05 else
+        what = (f"LESS accurate (paired exact test p={p:.3f} < 0.05), {speed}" if p < 0.05 else
                 f"less accurate by {round(-d_acc * n / 100)} of {n}, not a measurable difference (paired exact "
-                f"test p={p:.2f})" + (", and no slower" if ratio <= 1.0 else ", and slower"))
+                f"test p={p:.2f}), {speed}")
     metric = "label top-1" if key == "top1" else "agreement"
     return (f"verdict {label}: chosen '{chosen['row']}' vs best peer '{best['row']}': {metric} "
             f"{chosen[key]:.2f} vs {best[key]:.2f} ({d_acc:+.2f} points = {round(d_acc * n / 100):+d} of {n} samples; "
