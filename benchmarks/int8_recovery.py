@@ -193,12 +193,12 @@ def rows_for(name: str, project_dir: Path, threads: int, work: Path, stop_at_cho
         t0 = time.perf_counter()
         try:
             path = make()
+            seconds = time.perf_counter() - t0
+            runner = load(path)  # a tool's output that its runtime refuses fails its row too
+            outputs = run_all(runner, ev)
         except Exception as e:  # noqa: BLE001 - a row that fails is reported, the others still run
-            rows.append({"row": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            rows.append({"row": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
             return None
-        seconds = time.perf_counter() - t0
-        runner = load(path)
-        outputs = run_all(runner, ev)
         a, c = agreement(outputs, reference)
         runners[label] = runner
         row = {"row": label, "agree": a, "cos": c, "seconds": seconds, "target": target, "runtime": runtime,
