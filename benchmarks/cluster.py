@@ -15,7 +15,6 @@ import argparse
 import heapq
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time

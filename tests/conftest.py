@@ -71,7 +71,8 @@ acceptance:
 """
 
 
-def _train(root: Path) -> None:
+def train_digits(root: Path, model_py: str = MODEL_PY, epochs: int = 15) -> None:
+    """Write the digits project (data, model.py, edgepack.yaml) into ``root`` and train ``model_py``'s model."""
     import sys
 
     import torch
@@ -86,7 +87,7 @@ def _train(root: Path) -> None:
     (root / "data").mkdir()
     np.savez(root / "data" / "calib.npz", images=images[train[:400]], labels=labels[train[:400]])
     np.savez(root / "data" / "eval.npz", images=images[test], labels=labels[test])
-    (root / "model.py").write_text(MODEL_PY)
+    (root / "model.py").write_text(model_py)
     (root / "edgepack.yaml").write_text(PROJECT_YAML)
     sys.path.insert(0, str(root))
     try:
@@ -102,7 +103,7 @@ def _train(root: Path) -> None:
     x = torch.from_numpy(images[train]).float().div(255).sub(0.5).div(0.5).unsqueeze(1)
     y = torch.from_numpy(labels[train])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(15):
+    for _ in range(epochs):
         model.train()
         for i in range(0, len(x), 64):
             loss = torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
@@ -116,7 +117,7 @@ def _train(root: Path) -> None:
 def trained_project(tmp_path_factory) -> Path:
     """A trained digits project (read-only: copy it with `project` to change it)."""
     root = tmp_path_factory.mktemp("digits-trained")
-    _train(root)
+    train_digits(root)
     return root
 
 

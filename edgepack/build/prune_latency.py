@@ -257,7 +257,12 @@ def search(ctx: BuildContext, module: Any, specs: list, names: list[str], profil
                                 max_cost=max_cost)
             layers = ps.layer_ratios(groups, alloc.keep)
             if not layers:
-                raise ConfigError(f"prune: the latency goal {goal_ratio:.2f}x is met unpruned", hint="lower the goal")
+                if tried:
+                    break  # a later round with nothing to remove: keep what the earlier rounds found
+                raise nothing_to_prune(alloc, goal_ratio, unpruned_ms, table_full, max_cost, profile.name)
+            if any(t[4]["layers"] == layers for t in tried):
+                st.detail = "the same allocation as an earlier round: the search ends"
+                break
             pruned, record = pr.structured(module, specs, cfg.importance, ignore, None, None, None, layers, cfg.round_to)
             acc = pr.evaluate(pruned, ev_x, ev_y, ref_logits)["value"]
             predicted = alloc.predicted_ms / table_full
@@ -281,9 +286,12 @@ def search(ctx: BuildContext, module: Any, specs: list, names: list[str], profil
             if nxt is None or any(abs(nxt - t[0]) < 0.005 for t in tried):
                 break
             pred_goal = nxt
-    # the least pruned allocation that reached the goal; else the fastest one
+    # accuracy first: of the rounds that reached the goal, the most accurate before recovery (then the
+    # fastest); none reached it: the fastest. Not the least pruned by measured ratio: rounds are timed in
+    # their own windows, and on a busy host a more pruned round can measure slower than a less pruned one.
     ok = [t for t in tried if t[1] <= goal_ratio]
-    _, _, pruned, record, point, alloc = max(ok, key=lambda t: t[1]) if ok else min(tried, key=lambda t: t[1])
+    _, _, pruned, record, point, alloc = (max(ok, key=lambda t: (t[4]["fp32_accuracy"], -t[1])) if ok
+                                          else min(tried, key=lambda t: t[1]))
     reached = bool(ok)
     if not reached:
         ctx.warn(f"{profile.name}: prune.target_latency {goal_ratio:.2f}x not reached: "
@@ -309,9 +317,32 @@ def search(ctx: BuildContext, module: Any, specs: list, names: list[str], profil
                "per unit of accuracy cost, until the predicted goal; each round's allocation pruned, compiled and "
                "timed in turn with the unpruned model; the next round's predicted goal is interpolated (secant) "
                "from the measured ones, until one lands within "
-               f"{TOLERANCE} under the goal; the least pruned allocation that reached the goal is kept"}
+               f"{TOLERANCE} under the goal or an allocation repeats; of the rounds that reached the goal, the "
+               "most accurate before recovery (then the fastest) is kept, else the fastest round"}
     record["latency_search"]["layers_block"] = write_layers_block(ctx, profile, chosen, ignore)
     return pruned, record
+
+
+def nothing_to_prune(alloc: ps.Allocation, goal_ratio: float, unpruned_ms: float, table_full: float,
+                     max_cost: float | None, target: str) -> ConfigError:
+    """Why the first round's allocation removes no channel, as the error that says so."""
+    if goal_ratio >= 1.0:
+        return ConfigError(f"prune: the latency goal {goal_ratio:.2f}x is met unpruned "
+                           f"({unpruned_ms:.4g} ms p50 on {target})", hint="lower the goal")
+    if alloc.capped and alloc.lowest_ms >= table_full:
+        return ConfigError(f"prune: no channel of any layer can be removed within the accuracy cap on {target} "
+                           f"(summed sensitivity at most {max_cost:g}: {RECOVERABLE:g}x acceptance.max_accuracy_drop)",
+                           hint="raise acceptance.max_accuracy_drop, or set prune.layers by hand")
+    saved = max(0.0, 1.0 - alloc.lowest_ms / table_full) if table_full > 0 else 0.0
+    where = ("as far as the accuracy cap lets the layers narrow" if alloc.capped
+             else "with every prunable layer at its narrowest")
+    hint = ("raise acceptance.max_accuracy_drop, drop prune.target_latency, or prune by MACs (prune.target_macs)"
+            if alloc.capped else "the runtime's fixed costs dominate this model; drop prune.target_latency or prune "
+                                 "by MACs (prune.target_macs)")
+    return ConfigError(f"prune: the latency goal {goal_ratio:.2f}x is out of pruning's reach on {target}: the latency "
+                       f"table predicts {saved:.1%} of the time saved {where}, under the {ps.SLACK:.0%} worth "
+                       f"its accuracy cost (the rest of the {unpruned_ms:.4g} ms p50 does not shrink with width)",
+                       hint=hint)
 
 
 def write_layers_block(ctx: BuildContext, profile: TargetProfile, layers: dict[str, float], ignore: list[str]) -> str:

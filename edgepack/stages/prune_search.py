@@ -29,9 +29,9 @@ from edgepack.errors import MissingDependencyError
 from edgepack.loaders.torch import example_inputs, require_torch
 from edgepack.stages.prune import find_modules
 
-KEEP_SHARES = (1.0, 0.75, 0.5, 0.25)
+KEEP_SHARES = (1.0, 0.75, 0.5, 0.25)   # uniform widths the table is measured at, and sensitivity shares
 MAX_JUMP = 4   # the greedy also looks this many steps ahead in one group
-SLACK = 0.02   # a goal out of reach: the first allocation within this share of the unpruned time of the last   # uniform widths the table is measured at, and sensitivity shares
+SLACK = 0.02   # a goal out of reach: the first allocation within this share of the unpruned time of the last
 
 
 @dataclass
@@ -262,6 +262,8 @@ class Allocation:
     predicted_ms: float
     cost: float
     path: list[dict[str, float]]
+    lowest_ms: float = 0.0   # the lowest prediction the greedy reached (before stepping back near the end)
+    capped: bool = False     # a step was refused for the accuracy cap
 
 
 def step_of(g: Group, round_to: int | None) -> int:
@@ -291,6 +293,7 @@ def allocate(groups: list[Group], shapes: dict[str, Shape], table: LatencyTable,
     path = [{"predicted_ms": round(pred, 5), "cost": round(cost, 4)}]
     eps = 0.05
     history = [(dict(keep), pred, cost)]
+    capped = False
     while pred > goal_ms:
         best = None
         for g in groups:
@@ -312,6 +315,7 @@ def allocate(groups: list[Group], shapes: dict[str, Shape], table: LatencyTable,
                     continue
                 dc = max(0.0, _sens_cost(sens.get(g.root), new / g.channels, fallback) - here)
                 if max_cost is not None and cost + dc > max_cost:
+                    capped = True
                     break
                 score = gain / (dc + eps)
                 if best is None or score > best[0]:
@@ -323,11 +327,12 @@ def allocate(groups: list[Group], shapes: dict[str, Shape], table: LatencyTable,
         cost = total_cost(keep)
         path.append({"predicted_ms": round(pred, 5), "cost": round(cost, 4), "group": root, "keep": new})
         history.append((dict(keep), pred, cost))
+    lowest = pred
     if pred > goal_ms:  # out of reach: the last steps bought little time at much accuracy; stop near the end
         slack = SLACK * history[0][1]
         keep, pred, cost = next(h for h in history if h[1] <= pred + slack)
         path = path[: next(i for i, h in enumerate(history) if h[1] <= history[-1][1] + slack) + 1]
-    return Allocation(keep, pred, cost, path)
+    return Allocation(keep, pred, cost, path, lowest, capped)
 
 
 def layer_ratios(groups: list[Group], keep: dict[str, int]) -> dict[str, float]:
