@@ -334,15 +334,14 @@ def nothing_to_prune(alloc: ps.Allocation, goal_ratio: float, unpruned_ms: float
                            f"(summed sensitivity at most {max_cost:g}: {RECOVERABLE:g}x acceptance.max_accuracy_drop)",
                            hint="raise acceptance.max_accuracy_drop, or set prune.layers by hand")
     saved = max(0.0, 1.0 - alloc.lowest_ms / table_full) if table_full > 0 else 0.0
-    where = ("as far as the accuracy cap lets the layers narrow" if alloc.capped
-             else "with every prunable layer at its narrowest")
-    hint = ("raise acceptance.max_accuracy_drop, drop prune.target_latency, or prune by MACs (prune.target_macs)"
-            if alloc.capped else "the runtime's fixed costs dominate this model; drop prune.target_latency or prune "
-                                 "by MACs (prune.target_macs)")
+    if alloc.capped:
+        where, why = "as far as the accuracy cap lets the layers narrow", "raise acceptance.max_accuracy_drop, "
+    else:
+        where, why = "with every prunable layer at its narrowest", "the runtime's fixed costs dominate this model; "
     return ConfigError(f"prune: the latency goal {goal_ratio:.2f}x is out of pruning's reach on {target}: the latency "
-                       f"table predicts {saved:.1%} of the time saved {where}, under the {ps.SLACK:.0%} worth "
-                       f"its accuracy cost (the rest of the {unpruned_ms:.4g} ms p50 does not shrink with width)",
-                       hint=hint)
+                       f"table predicts {saved:.1%} of the time saved {where}, under the {ps.SLACK:.0%} worth its "
+                       f"accuracy cost ({unpruned_ms:.4g} ms p50 unpruned)",
+                       hint=why + "drop prune.target_latency, or prune by MACs (prune.target_macs)")
 
 
 def write_layers_block(ctx: BuildContext, profile: TargetProfile, layers: dict[str, float], ignore: list[str]) -> str:

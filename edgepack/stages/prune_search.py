@@ -262,8 +262,8 @@ class Allocation:
     predicted_ms: float
     cost: float
     path: list[dict[str, float]]
-    lowest_ms: float = 0.0   # the lowest prediction the greedy reached (before stepping back near the end)
-    capped: bool = False     # a step was refused for the accuracy cap
+    lowest_ms: float   # the lowest prediction the greedy reached (before stepping back near the end)
+    capped: bool       # a step was refused for the accuracy cap
 
 
 def step_of(g: Group, round_to: int | None) -> int:
